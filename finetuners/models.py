@@ -1,0 +1,150 @@
+"""Loading pipelines: the embedded Shapes model, any Stable-Diffusion-family folder, or a hub id.
+
+Everything goes through ``load_model(id_or_path, device, dtype)``, which calls diffusers' own
+``StableDiffusionPipeline.from_pretrained`` with safetensors only. Hub ids are resolved from the local
+Hugging Face cache; nothing is downloaded unless ``allow_download=True`` is passed explicitly.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DEFAULT_MODEL = "shapes"  # alias of the embedded pipeline
+ALIASES = {"shapes": ASSETS / "shapes-sd"}
+PROBE_PATH = ASSETS / "shapes-probe"
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """Sampler settings a model family expects (ALGORITHMS.md §0.2, few-step models)."""
+
+    sampler: str  # "ddim" | "ddim-trailing" | "lcm"
+    steps: int
+    guidance: float
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """'auto' / None → CUDA when present, else CPU. A CUDA request without CUDA is a clear error."""
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise UserError(f"unknown device {device!r}: use cpu, cuda, cuda:N or auto") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {device!r} was asked for, but this machine has no CUDA GPU (use --device cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type not in ("cpu", "mps"):
+        raise UserError(f"unsupported device {device!r}: use cpu, cuda, cuda:N or auto")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}: use one of {', '.join(sorted(DTYPES))}")
+    if DTYPES[dtype] == torch.float16 and device.type == "cpu":
+        raise UserError("float16 is not supported on the CPU: use float32 or bfloat16")
+    return DTYPES[dtype]
+
+
+def resolve_model_path(id_or_path: str, allow_download: bool = False) -> str:
+    """An alias, a local pipeline folder, or a hub id found in the local cache → a local folder path."""
+    name = (id_or_path or "").strip()
+    if not name:
+        raise UserError("no model given: pass a pipeline folder, a hub id, or 'shapes'")
+    if name in ALIASES:
+        return str(ALIASES[name])
+    path = Path(name).expanduser()
+    looks_local = path.is_absolute() or name.startswith((".", "~")) or path.exists() or name.count("/") != 1
+    if looks_local:
+        if not path.exists():
+            raise UserError(f"model path {name!r} does not exist")
+        if not path.is_dir() or not (path / "model_index.json").is_file():
+            raise UserError(f"{name!r} is not a diffusers pipeline folder (no model_index.json)")
+        return str(path)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(name, local_files_only=not allow_download,
+                                 allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"])  # fmt: skip
+    except (LocalEntryNotFoundError, FileNotFoundError) as e:
+        raise UserError(
+            f"model {name!r} is not in the local Hugging Face cache; download it first "
+            f"(huggingface-cli download {name}) or pass a local folder"
+        ) from e
+    except HFValidationError as e:
+        raise UserError(f"{name!r} is neither a local folder nor a valid hub id") from e
+
+
+def load_model(id_or_path: str = DEFAULT_MODEL, device: str | None = "cpu", dtype=None, *,
+               allow_download: bool = False, attention: str = "auto"):  # fmt: skip
+    """Load a Stable-Diffusion-family pipeline through diffusers' ``from_pretrained`` (safetensors only).
+
+    ``attention``: "auto" uses xformers on CUDA when it is installed, "xformers" requires it, "sdpa"
+    keeps PyTorch's scaled-dot-product attention.
+    """
+    import diffusers
+    import transformers
+    from diffusers import StableDiffusionPipeline
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    folder = resolve_model_path(id_or_path, allow_download)
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            folder, dtype=dt, use_safetensors=True, safety_checker=None, requires_safety_checker=False,
+            local_files_only=True,
+        )  # fmt: skip
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load {id_or_path!r} as a Stable-Diffusion pipeline: {_first_line(e)}") from e
+    pipe = pipe.to(dev)
+    pipe.set_progress_bar_config(disable=True)
+    if attention not in ("auto", "xformers", "sdpa"):
+        raise UserError(f"unknown attention backend {attention!r}: auto, xformers or sdpa")
+    if dev.type == "cuda" and attention in ("auto", "xformers"):
+        try:
+            pipe.enable_xformers_memory_efficient_attention()
+            log.info("xformers attention enabled")
+        except Exception as e:  # noqa: BLE001 - optional accelerator; report why it is off
+            if attention == "xformers":
+                raise UserError(f"xformers was asked for but cannot be used: {_first_line(e)}") from e
+            log.info("xformers not used: %s", _first_line(e))
+    pipe.finetuners_source = id_or_path
+    return pipe
+
+
+def model_defaults(pipe) -> ModelDefaults:
+    """Sampler defaults for a loaded pipeline: LCM scheduler → LCM; a turbo model → trailing, guidance 0."""
+    sched_cls = type(pipe.scheduler).__name__
+    source = str(getattr(pipe, "finetuners_source", "")) + str(getattr(pipe, "name_or_path", ""))
+    if "LCM" in sched_cls:
+        return ModelDefaults("lcm", 4, 1.0)
+    if "turbo" in source.lower():
+        return ModelDefaults("ddim-trailing", 1, 0.0)
+    if Path(source).resolve() == ALIASES["shapes"].resolve() or source == "shapes":
+        return ModelDefaults("ddim", 20, 3.0)
+    return ModelDefaults("ddim", 25, 7.5)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]

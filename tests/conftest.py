@@ -1,0 +1,60 @@
+"""Shared fixtures. Models are built tiny from configs inside the tests (no downloads, no assets needed),
+except where a test checks the shipped Shapes assets themselves."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+REPO = Path(__file__).resolve().parent.parent
+ASSET_PIPELINE = REPO / "assets" / "shapes-sd"
+ASSET_PROBE = REPO / "assets" / "shapes-probe"
+
+
+@pytest.fixture(scope="session")
+def random_pipeline_dir(tmp_path_factory) -> Path:
+    """A randomly initialised pipeline with the Shapes architecture, saved in the diffusers layout."""
+    from diffusers import StableDiffusionPipeline
+
+    from finetuners.shapes import architecture as arch
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("random-pipeline")
+    tokenizer = arch.make_tokenizer(folder / "tokenizer")
+    pipe = StableDiffusionPipeline(
+        vae=arch.make_vae(), text_encoder=arch.make_text_encoder(tokenizer), tokenizer=tokenizer,
+        unet=arch.make_unet(), scheduler=arch.make_scheduler(), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def random_pipe(random_pipeline_dir):
+    from finetuners.models import load_model
+
+    return load_model(str(random_pipeline_dir), "cpu")
+
+
+@pytest.fixture(scope="session")
+def shapes_pipe():
+    """The shipped Shapes pipeline (the product's embedded default)."""
+    from finetuners.models import load_model
+
+    if not (ASSET_PIPELINE / "model_index.json").exists():
+        pytest.fail("assets/shapes-sd is missing: the embedded model must ship with the repo")
+    return load_model("shapes", "cpu")
+
+
+@pytest.fixture(scope="session")
+def shapes_probe():
+    from finetuners.shapes.probe import ShapesProbe
+
+    return ShapesProbe.load(ASSET_PROBE)

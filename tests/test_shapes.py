@@ -1,0 +1,137 @@
+"""The Shapes world, its tokenizer, the probe maths and the Fréchet distance."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from finetuners.metrics import frechet_distance
+from finetuners.shapes import architecture as arch
+from finetuners.shapes.probe import N_SHAPE_CLASSES, prompt_log_prob, read_scene
+from finetuners.shapes.world import (
+    COLOR_NAMES,
+    N_CELLS,
+    SHAPES,
+    VOCABULARY,
+    Obj,
+    PromptSpec,
+    caption,
+    cell_targets,
+    make_dataset,
+    parse_prompt,
+    valid_placements,
+)
+
+
+def test_dataset_is_a_pure_function_of_the_seed():
+    a, b, c = make_dataset(20, seed=3), make_dataset(20, seed=3), make_dataset(20, seed=4)
+    assert [s.caption for s in a] == [s.caption for s in b]
+    assert all(np.array_equal(x.image, y.image) for x, y in zip(a, b))
+    assert any(not np.array_equal(x.image, y.image) for x, y in zip(a, c))
+    assert a[0].image.shape == (32, 32, 3) and a[0].image.dtype == np.uint8
+
+
+def test_every_sample_satisfies_its_caption_and_round_trips():
+    for s in make_dataset(300, seed=0):
+        assert parse_prompt(s.caption) == s.spec
+        assert s.spec.satisfied_by(s.objects)
+        assert caption(s.spec) == s.caption
+
+
+def test_prompts_are_compositional():
+    two = parse_prompt("a red circle above a blue square")
+    one = parse_prompt("a blue square")
+    assert two != one and len(two.objects) == 2 and two.relation == "above"
+    red, blue = Obj("circle", "red", 1), Obj("square", "blue", 7)
+    assert two.satisfied_by([red, blue]) and two.satisfied_by([blue, red])  # order of detection is irrelevant
+    assert not two.satisfied_by([Obj("circle", "red", 7), Obj("square", "blue", 1)])  # relation violated
+    assert not two.satisfied_by([red])  # missing object
+    assert not one.satisfied_by([blue, red])  # an extra object
+    assert parse_prompt("A Blue  Square.") == one
+    assert parse_prompt("a zebra") is None and parse_prompt("a red circle near a cat") is None
+    assert valid_placements(parse_prompt("a red circle in the center")) == [(4,)]
+    assert len(valid_placements(parse_prompt("a red circle above a blue square"))) == 3 * 3 * 3  # rows 0<1<2 pairs
+
+
+def test_cell_targets():
+    shape, color = cell_targets([Obj("triangle", "white", 8)])
+    assert shape[8] == 1 + SHAPES.index("triangle") and color[8] == COLOR_NAMES.index("white")
+    assert (shape[:8] == 0).all() and (color[:8] == -1).all()
+
+
+def test_tokenizer_keeps_every_world_word_whole(tmp_path):
+    tok = arch.make_tokenizer(tmp_path / "tok")
+    for word in VOCABULARY:
+        assert len(tok(word).input_ids) == 3, word  # BOS, the word, EOS
+    assert len(tok("a yellow triangle to the right of a purple square").input_ids) == 12
+    assert len(tok("a zebra").input_ids) > 4  # unknown words still encode, character by character
+
+
+def _logits_for(objects: list[Obj], confidence: float = 8.0):
+    shape = torch.zeros(1, N_CELLS, N_SHAPE_CLASSES)
+    color = torch.zeros(1, N_CELLS, len(COLOR_NAMES))
+    shape[0, :, 0] = confidence
+    for o in objects:
+        shape[0, o.cell] = 0
+        shape[0, o.cell, 1 + SHAPES.index(o.shape)] = confidence
+        color[0, o.cell, COLOR_NAMES.index(o.color)] = confidence
+    return shape, color
+
+
+class _FixedProbe(torch.nn.Module):
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, images):
+        return self.logits
+
+
+def test_read_scene_and_log_prob_on_constructed_logits():
+    objs = [Obj("circle", "red", 1), Obj("square", "blue", 7)]
+    logits = _logits_for(objs)
+    assert read_scene(*logits) == [objs]
+    probe = _FixedProbe(logits)
+    image = torch.zeros(1, 3, 32, 32)
+    good = prompt_log_prob(probe, image, ["a red circle above a blue square"])
+    bad = prompt_log_prob(probe, image, ["a red circle below a blue square"])
+    # the true placement dominates: 9 cells right in shape, 2 in colour (confidence 8 against 0)
+    log_true = 9 * np.log(np.exp(8) / (np.exp(8) + 3)) + 2 * np.log(np.exp(8) / (np.exp(8) + 5))
+    assert good.item() == pytest.approx(log_true, rel=1e-3)
+    assert bad.item() < -5
+    # uniform logits: P(satisfy) = Σ_placements Π cells, computed by hand
+    uniform = _FixedProbe((torch.zeros(1, N_CELLS, N_SHAPE_CLASSES), torch.zeros(1, N_CELLS, len(COLOR_NAMES))))
+    p_empty, p_obj = 1 / N_SHAPE_CLASSES, 1 / N_SHAPE_CLASSES / len(COLOR_NAMES)
+    n_place = len(valid_placements(PromptSpec((("circle", "red"),), position="on the left")))
+    expected = np.log(n_place * p_obj * p_empty ** (N_CELLS - 1))
+    got = prompt_log_prob(uniform, image, ["a red circle on the left"]).item()
+    assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_log_prob_is_differentiable_in_the_image():
+    from finetuners.shapes.probe import ShapesProbe
+
+    torch.manual_seed(0)
+    probe = ShapesProbe()
+    image = torch.rand(2, 3, 32, 32, requires_grad=True)
+    lp = prompt_log_prob(probe, image, ["a red circle", "a green square to the left of a white circle"])
+    lp.sum().backward()
+    assert image.grad is not None and image.grad.abs().sum() > 0
+
+
+def test_frechet_distance_closed_form_and_properties():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4000, 3))
+    assert frechet_distance(x, x) == pytest.approx(0.0, abs=1e-6)
+    y = rng.normal(size=(4000, 3)) * 2.0 + 1.0
+    assert frechet_distance(x, y) == pytest.approx(frechet_distance(y, x), rel=1e-6)
+    # N(0, I) vs N(1, 4I) in 3-D: ‖Δμ‖² + Σ(1 + 4 − 2·2) = 3 + 3 = 6 (sample estimates within a few %)
+    assert frechet_distance(x, y) == pytest.approx(6.0, rel=0.08)
+    # against a scipy sqrtm reference on exact covariances
+    import scipy.linalg
+
+    a, b = rng.normal(size=(500, 4)), rng.normal(size=(500, 4)) @ rng.normal(size=(4, 4))
+    ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    ref = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(ca + cb - 2 * scipy.linalg.sqrtm(ca @ cb).real)
+    assert frechet_distance(a, b) == pytest.approx(ref, rel=1e-9)
