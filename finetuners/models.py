@@ -7,6 +7,7 @@ Hugging Face cache; nothing is downloaded unless ``allow_download=True`` is pass
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_MODEL = "shapes"  # alias of the embedded pipeline
 ALIASES = {"shapes": ASSETS / "shapes-sd"}
 PROBE_PATH = ASSETS / "shapes-probe"
+DEFAULTS_FILE = "finetuners.json"  # sampler defaults stored beside a pipeline's model_index.json
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}  # fmt: skip
 
@@ -101,15 +103,15 @@ def load_model(id_or_path: str = DEFAULT_MODEL, device: str | None = "cpu", dtyp
     ``attention``: "auto" uses xformers on CUDA when it is installed, "xformers" requires it, "sdpa"
     keeps PyTorch's scaled-dot-product attention.
     """
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    folder = resolve_model_path(id_or_path, allow_download)  # bad input fails before the heavy imports
     import diffusers
     import transformers
     from diffusers import StableDiffusionPipeline
 
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    folder = resolve_model_path(id_or_path, allow_download)
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
             folder, dtype=dt, use_safetensors=True, safety_checker=None, requires_safety_checker=False,
@@ -130,19 +132,26 @@ def load_model(id_or_path: str = DEFAULT_MODEL, device: str | None = "cpu", dtyp
                 raise UserError(f"xformers was asked for but cannot be used: {_first_line(e)}") from e
             log.info("xformers not used: %s", _first_line(e))
     pipe.finetuners_source = id_or_path
+    pipe.finetuners_folder = folder
     return pipe
 
 
 def model_defaults(pipe) -> ModelDefaults:
-    """Sampler defaults for a loaded pipeline: LCM scheduler → LCM; a turbo model → trailing, guidance 0."""
+    """Sampler defaults for a loaded pipeline: those recorded in its folder's ``finetuners.json`` (the
+    Shapes pipeline and checkpoints made from it), else LCM scheduler → LCM, a turbo model → trailing
+    timesteps with guidance 0, any other SD model → 25 DDIM steps at guidance 7.5."""
+    marker = Path(getattr(pipe, "finetuners_folder", "") or ".") / DEFAULTS_FILE
+    if marker.is_file():
+        try:
+            return ModelDefaults(**json.loads(marker.read_text()))
+        except (ValueError, TypeError) as e:
+            log.warning("ignoring unreadable %s: %s", marker, e)
     sched_cls = type(pipe.scheduler).__name__
     source = str(getattr(pipe, "finetuners_source", "")) + str(getattr(pipe, "name_or_path", ""))
     if "LCM" in sched_cls:
         return ModelDefaults("lcm", 4, 1.0)
     if "turbo" in source.lower():
         return ModelDefaults("ddim-trailing", 1, 0.0)
-    if Path(source).resolve() == ALIASES["shapes"].resolve() or source == "shapes":
-        return ModelDefaults("ddim", 20, 3.0)
     return ModelDefaults("ddim", 25, 7.5)
 
 

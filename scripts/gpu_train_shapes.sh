@@ -7,6 +7,7 @@ mkdir -p "$OUT/assets"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -m finetuners.shapes.train --preset full --device cuda --out "$OUT/assets" --max-minutes "${MAX_MINUTES:-7}" 2>&1 | tee "$OUT/train.log"
+if [ "${SAMPLE_BENCH:-1}" = 1 ]; then
 python3 - "$OUT/assets" <<'PY' 2>&1 | tee "$OUT/sample_bench.txt"
 import sys, time, torch
 from diffusers import StableDiffusionPipeline
@@ -23,4 +24,5 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16):
     torch.cuda.synchronize(); dt = time.time() - t
     print(f"{dtype}: {16 * n / dt:.1f} images/s at batch 16, 4 steps; peak {torch.cuda.max_memory_allocated() / 2**20:.1f} MiB")
 PY
+fi
 tar -C "$OUT" -czf "$OUT/assets.tar.gz" assets && rm -rf "$OUT/assets"

@@ -58,3 +58,17 @@ def shapes_probe():
     from finetuners.shapes.probe import ShapesProbe
 
     return ShapesProbe.load(ASSET_PROBE)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(request) -> Path:
+    """A small pipeline folder for app tests: $FINETUNERS_TEST_MODEL, else the shipped assets/shapes-sd, else a
+    randomly initialised one (the app's wiring does not depend on the weights)."""
+    env = os.environ.get("FINETUNERS_TEST_MODEL")
+    if env:
+        if not (Path(env) / "model_index.json").is_file():
+            pytest.fail(f"FINETUNERS_TEST_MODEL={env!r} is not a diffusers pipeline folder")
+        return Path(env)
+    if (ASSET_PIPELINE / "model_index.json").is_file():
+        return ASSET_PIPELINE
+    return request.getfixturevalue("random_pipeline_dir")

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from diffusers.training_utils import EMAModel
 
+from ..models import DEFAULTS_FILE, ModelDefaults
 from . import architecture as arch
 from .probe import ShapesProbe, probe_loss, prompt_accuracy
 from .world import cell_targets, eval_prompts, make_dataset, parse_prompt
@@ -59,6 +60,8 @@ class TrainConfig:
     save_every: int = 1500  # intermediate pipeline saves (EMA weights), so a long run is never all-or-nothing
     max_minutes: float = 0.0  # stop the UNet stage early past this wall-clock budget (0 = no budget)
 
+
+SHAPES_DEFAULTS = ModelDefaults(sampler="ddim", steps=20, guidance=3.0)
 
 PRESETS = {
     "smoke": TrainConfig(n_images=512, vae_steps=20, probe_steps=20, unet_steps=20, eval_prompts=16, eval_steps=4),
@@ -96,7 +99,9 @@ def _batches(n: int, batch: int, gen: torch.Generator):
         yield torch.randint(0, n, (batch,), generator=gen)
 
 
-def train(config: TrainConfig, out: Path, device: str = "cpu") -> dict:
+def train(config: TrainConfig, out: Path, device: str = "cpu", resume: Path | None = None) -> dict:
+    """Run every stage; with ``resume`` (an earlier ``out``), keep its VAE and probe and continue the
+    UNet and text encoder from its weights for ``config.unet_steps`` more steps (a fresh LR schedule)."""
     t_start = time.time()
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -104,6 +109,9 @@ def train(config: TrainConfig, out: Path, device: str = "cpu") -> dict:
     torch.manual_seed(config.seed)  # module initialisation; every batch draw uses `gen`
     gen = torch.Generator().manual_seed(config.seed)
     report: dict = {"config": asdict(config), "device": device, "torch": torch.__version__}
+    if resume is not None:
+        earlier = json.loads((resume / "training.json").read_text()) if (resume / "training.json").exists() else {}
+        report["resumed_from"] = {k: v for k, v in earlier.items() if k != "resumed_from"} | {"path": str(resume)}
 
     # 1. data ---------------------------------------------------------------------------------------
     data = make_dataset(config.n_images, seed=config.seed)
@@ -116,10 +124,16 @@ def train(config: TrainConfig, out: Path, device: str = "cpu") -> dict:
     log.info("rendered %d images in %.1fs", len(data), time.time() - t_start)
 
     # 2. VAE ----------------------------------------------------------------------------------------
-    vae = arch.make_vae().to(device)
+    if resume is not None:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(resume / "shapes-sd" / "vae", use_safetensors=True).to(device)
+    else:
+        vae = arch.make_vae().to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(100, config.vae_steps))
-    for step, idx in zip(range(config.vae_steps), _batches(len(data), config.vae_batch, gen)):
+    vae_steps = 0 if resume is not None else config.vae_steps
+    for step, idx in zip(range(vae_steps), _batches(len(data), config.vae_batch, gen)):
         x = to_unit(idx) * 2 - 1
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample(generator=None)).sample
@@ -140,8 +154,11 @@ def train(config: TrainConfig, out: Path, device: str = "cpu") -> dict:
         )  # [N, 2C, h, w]: mean and log-variance
     mean, logvar = moments.chunk(2, dim=1)
     std = (0.5 * logvar.clamp(-30, 20)).exp()
-    scaling = 1.0 / (mean + std * torch.randn(mean.shape, generator=gen)).std().item()
-    vae.register_to_config(scaling_factor=scaling)
+    if resume is not None:
+        scaling = vae.config.scaling_factor
+    else:
+        scaling = 1.0 / (mean + std * torch.randn(mean.shape, generator=gen)).std().item()
+        vae.register_to_config(scaling_factor=scaling)
     with torch.no_grad():
         idx = torch.arange(min(2048, len(data)))
         rec = vae.decode(mean[idx].to(device)).sample.clamp(-1, 1)
@@ -150,10 +167,12 @@ def train(config: TrainConfig, out: Path, device: str = "cpu") -> dict:
     log.info("vae psnr %.2f dB, scaling_factor %.4f", report["vae_psnr_db"], scaling)
 
     # 3. probe --------------------------------------------------------------------------------------
-    probe = ShapesProbe().to(device)
+    probe = ShapesProbe.load(resume / "shapes-probe", device) if resume is not None else ShapesProbe().to(device)
+    probe.requires_grad_(True)
     opt = torch.optim.AdamW(probe.parameters(), lr=config.probe_lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(100, config.probe_steps))
-    for step, idx in zip(range(config.probe_steps), _batches(len(data), config.probe_batch, gen)):
+    probe_steps = 0 if resume is not None else config.probe_steps
+    for step, idx in zip(range(probe_steps), _batches(len(data), config.probe_batch, gen)):
         x = to_unit(idx)
         with torch.no_grad():  # half of each batch through the VAE: the probe must read decoded images
             half = len(idx) // 2
@@ -179,31 +198,48 @@ def train(config: TrainConfig, out: Path, device: str = "cpu") -> dict:
              report["probe_heldout_accuracy_vae"])  # fmt: skip
 
     # 4. UNet + text encoder ------------------------------------------------------------------------
-    tokenizer = arch.make_tokenizer(out / "shapes-sd" / "tokenizer")
-    text_encoder = arch.make_text_encoder(tokenizer).to(device)
-    unet = arch.make_unet().to(device)
+    if resume is not None:
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        tokenizer = CLIPTokenizer.from_pretrained(resume / "shapes-sd" / "tokenizer")
+        text_encoder = CLIPTextModel.from_pretrained(resume / "shapes-sd" / "text_encoder", use_safetensors=True)
+        unet = UNet2DConditionModel.from_pretrained(resume / "shapes-sd" / "unet", use_safetensors=True)
+        text_encoder, unet = text_encoder.to(device).train(), unet.to(device).train()
+    else:
+        tokenizer = arch.make_tokenizer(out / "shapes-sd" / "tokenizer")
+        text_encoder = arch.make_text_encoder(tokenizer).to(device)
+        unet = arch.make_unet().to(device)
     noise_sched = DDPMScheduler(**{k: v for k, v in arch.SCHEDULER_CONFIG.items() if k != "set_alpha_to_one"})
     alphas = noise_sched.alphas_cumprod.to(device)
     ids_all = tokenizer(captions, padding="max_length", max_length=arch.MAX_TOKENS, return_tensors="pt").input_ids
     empty_ids = tokenizer([""], padding="max_length", max_length=arch.MAX_TOKENS, return_tensors="pt").input_ids
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=config.unet_lr, weight_decay=1e-2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config.unet_warmup, config.unet_steps))
-    ema_unet = EMAModel(unet.parameters(), decay=config.ema_decay)
-    ema_text = EMAModel(text_encoder.parameters(), decay=config.ema_decay)
+    lr_at = _lr_lambda(config.unet_warmup, config.unet_steps)
+    ema_unet = EMAModel(unet.parameters(), decay=config.ema_decay, foreach=True)
+    ema_text = EMAModel(text_encoder.parameters(), decay=config.ema_decay, foreach=True)
+    # Batches are drawn on the training device: latent moments, token ids and noise all live there.
+    mean_d, std_d, ids_d, empty_d = mean.to(device), std.to(device), ids_all.to(device), empty_ids.to(device)
+    dgen = torch.Generator(device).manual_seed(config.seed + 1)
     t_unet = time.time()
+    # With a wall-clock budget, the cosine schedule follows whichever runs out first: steps or time.
+    unet_budget = 60 * config.max_minutes - (t_unet - t_start) if config.max_minutes else 0.0
     steps_done = 0
-    for step, idx in zip(range(config.unet_steps), _batches(len(data), config.unet_batch, gen)):
-        z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling
-        eps = torch.randn(z0.shape, generator=gen)
-        t = torch.randint(0, 1000, (len(idx),), generator=gen)
-        z0, eps, t = z0.to(device), eps.to(device), t.to(device)
+    for step in range(config.unet_steps):
+        frac_time = (time.time() - t_unet) / unet_budget if unet_budget > 0 else 0.0
+        eff_step = max(step, int(frac_time * config.unet_steps))
+        for group in opt.param_groups:
+            group["lr"] = config.unet_lr * lr_at(eff_step)
+        idx = torch.randint(0, len(data), (config.unet_batch,), generator=dgen, device=device)
+        z0 = (mean_d[idx] + std_d[idx] * torch.randn(mean_d[idx].shape, generator=dgen, device=device)) * scaling
+        eps = torch.randn(z0.shape, generator=dgen, device=device)
+        t = torch.randint(0, 1000, (len(idx),), generator=dgen, device=device)
         a = alphas[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
-        ids = ids_all[idx].clone()
-        drop = torch.rand(len(idx), generator=gen) < config.caption_dropout
-        ids[drop] = empty_ids
-        hidden = text_encoder(ids.to(device)).last_hidden_state
+        drop = torch.rand(len(idx), generator=dgen, device=device) < config.caption_dropout
+        ids = torch.where(drop[:, None], empty_d, ids_d[idx])
+        hidden = text_encoder(ids).last_hidden_state
         snr = a.flatten() / (1 - a.flatten())
         weight = snr.clamp(max=config.min_snr_gamma) / snr  # ε-prediction form of Min-SNR-γ
         loss = (weight * (unet(zt, t, hidden).sample - eps).pow(2).mean(dim=(1, 2, 3))).mean()
@@ -211,16 +247,15 @@ def train(config: TrainConfig, out: Path, device: str = "cpu") -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        sched.step()
         ema_unet.step(unet.parameters())
         ema_text.step(text_encoder.parameters())
         steps_done = step + 1
         if step % 250 == 0 or step == config.unet_steps - 1:
-            log.info("unet %d/%d loss %.4f (%.2fs/step)", step, config.unet_steps, loss.item(),
-                     (time.time() - t_unet) / (step + 1))  # fmt: skip
+            log.info("unet %d/%d loss %.4f lr %.2e (%.3fs/step)", step, config.unet_steps, loss.item(),
+                     opt.param_groups[0]["lr"], (time.time() - t_unet) / (step + 1))  # fmt: skip
         if config.save_every and steps_done % config.save_every == 0:
             _save_pipeline(out, vae, text_encoder, tokenizer, unet, ema_unet, ema_text)
-        if config.max_minutes and time.time() - t_start > 60 * config.max_minutes:
+        if eff_step >= config.unet_steps:
             log.warning("time budget reached at step %d", steps_done)
             break
     report["unet_steps_done"] = steps_done
@@ -261,6 +296,7 @@ def _save_pipeline(out, vae, text_encoder, tokenizer, unet, ema_unet=None, ema_t
         requires_safety_checker=False,
     )  # fmt: skip
     pipe.save_pretrained(out / "shapes-sd", safe_serialization=True)
+    (out / "shapes-sd" / DEFAULTS_FILE).write_text(json.dumps(asdict(SHAPES_DEFAULTS), indent=2))
     for ema, model in ((ema_unet, unet), (ema_text, text_encoder)):
         if ema is not None:
             ema.restore(model.parameters())
@@ -277,12 +313,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-minutes", type=float, default=0.0, help="wall-clock budget for the whole run")
     p.add_argument("--unet-steps", type=int, help="override the preset's UNet steps")
+    p.add_argument("--unet-lr", type=float, help="override the preset's UNet learning rate")
+    p.add_argument("--resume", type=Path, help="continue the UNet of an earlier --out (keeps its VAE and probe)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     config = replace(PRESETS[args.preset], seed=args.seed, max_minutes=args.max_minutes)
     if args.unet_steps:
         config = replace(config, unet_steps=args.unet_steps)
-    report = train(config, args.out, args.device)
+    if args.unet_lr:
+        config = replace(config, unet_lr=args.unet_lr)
+    report = train(config, args.out, args.device, resume=args.resume)
     print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))
 
 

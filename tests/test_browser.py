@@ -1,0 +1,121 @@
+"""The real app in a real browser: start ``python app.py`` on a free port and drive headless chromium."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = REPO / "test-artifacts"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update"]  # fmt: skip
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="no chromium at /usr/bin/chromium (apt-get install chromium)"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_until_up(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 240) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"app.py exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"app.py did not answer on {url} within {timeout_s:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def app_url(tiny_pipeline_dir, tmp_path_factory):
+    port = _free_port()
+    log = tmp_path_factory.mktemp("app") / "app.log"
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "app.py", "--port", str(port), "--model", str(tiny_pipeline_dir), "--device", "cpu",
+           "--data-dir", str(tmp_path_factory.mktemp("data"))]  # fmt: skip
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        _wait_until_up(url, proc, log)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def page(app_url):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(30_000)
+            page.goto(app_url)
+            page.locator("#sample-prompt textarea").wait_for()
+            yield page
+        finally:
+            browser.close()
+
+
+def test_generate_shows_images_and_the_x0_strip(page):
+    page.locator("#sample-prompt textarea").fill("a red circle above a blue square")
+    steps = page.locator("#sample-steps input[type=number]")
+    steps.fill("4")
+    steps.press("Enter")
+    page.locator("#sample-generate").click()
+    image = page.locator("#sample-gallery img").first
+    image.wait_for(timeout=180_000)
+    page.wait_for_function(
+        "() => { const i = document.querySelector('#sample-gallery img'); return i && i.complete && i.naturalWidth; }"
+    )
+    width, height = image.evaluate("img => [img.naturalWidth, img.naturalHeight]")
+    assert width > 0 and height > 0
+    assert page.locator("#sample-strip img").count() == 4  # one x̂0 per step
+    info = page.locator("#sample-info").inner_text()
+    assert "s per image" in info and "4 steps" in info
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "sample-tab.png"), full_page=True)
+
+
+def test_empty_prompt_shows_a_message_and_keeps_the_images(page):
+    before = page.locator("#sample-gallery img").count()
+    page.locator("#sample-prompt textarea").fill("")
+    page.locator("#sample-generate").click()
+    error = page.locator("#sample-error")
+    error.get_by_text("prompt is empty").wait_for()
+    assert "Traceback" not in page.content()
+    assert page.locator("#sample-gallery img").count() == before
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "sample-tab-error.png"), full_page=True)
+
+
+def test_a_missing_model_typed_in_shows_a_message(page):
+    model = page.locator("#sample-model input")
+    model.fill("/no/such/model")
+    model.press("Enter")
+    page.locator("#sample-error").get_by_text("does not exist").wait_for()
+    assert "Traceback" not in page.content()

@@ -1,0 +1,130 @@
+"""What every session of the app shares: the settings it was started with and a cache of loaded pipelines.
+
+Each model is loaded once, on first use, and kept; a lock per pipeline serialises generation on it (a torch
+module is not safe to run from two threads at once). Nothing here imports gradio, so the handlers behind
+the tabs can be tested without a browser.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from finetuners.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str = "shapes"  # the model the app starts with (--model): alias, pipeline folder or cached hub id
+    device: str = "auto"  # cpu, cuda, cuda:N or auto (CUDA when present)
+    dtype: str | None = None  # None: fp16 on CUDA, fp32 on the CPU
+    data_dir: Path = Path("data")  # labels, images and runs written by later tabs
+    custom_models: bool = True  # may a user type a model path or hub id in the UI; off when the app is shared
+    max_batch: int = 16  # images per click: bounds how long one click holds the model
+    max_cached_models: int = 2  # pipelines kept in memory at once (the start-up model is never evicted)
+    concurrency: int = 1  # generations running at once; one device, so 1 keeps latency fair
+    queue_size: int = 32  # clicks waiting in the queue before new ones are refused
+    display_px: int = 256  # images smaller than this are upscaled (nearest neighbour) to about this size
+
+
+@dataclass
+class _Entry:
+    """One cached pipeline; ``load_lock`` makes concurrent first uses load it once, ``run_lock`` serialises use."""
+
+    pipe: object = None
+    load_lock: threading.Lock = field(default_factory=threading.Lock)
+    run_lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class Backend:
+    """Settings plus a small thread-safe LRU cache of pipelines.
+
+    ``loader(model_id, device, dtype)`` defaults to ``finetuners.models.load_model``; tests may pass another.
+    """
+
+    def __init__(self, settings: Settings | None = None, loader: Callable | None = None):
+        self.settings = settings or Settings()
+        self._loader = loader
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[str, _Entry] = OrderedDict()
+
+    # -- models --------------------------------------------------------------------------------------------
+    def model_choices(self) -> list[str]:
+        """Models offered in the model pickers. Later tabs add fine-tuned checkpoints here."""
+        return [self.settings.model]
+
+    def check_model(self, model_id: str | None) -> str:
+        name = (model_id or "").strip()
+        if not name:
+            raise UserError("no model chosen: pick one from the list")
+        if not self.settings.custom_models and name not in self.model_choices():
+            raise UserError(f"{name!r} is not one of this app's models: pick one from the list")
+        return name
+
+    def pipeline(self, model_id: str | None):
+        """The loaded pipeline for ``model_id`` (loading it on first use). Raises ``UserError`` for a bad model."""
+        return self._entry(model_id).pipe
+
+    def defaults(self, model_id: str | None):
+        """``ModelDefaults`` (sampler, steps, guidance) for a model, loading it if needed."""
+        from finetuners.models import model_defaults
+
+        return model_defaults(self.pipeline(model_id))
+
+    def preload(self) -> None:
+        """Load the start-up model now, so a bad --model fails at launch rather than at the first click."""
+        self.pipeline(self.settings.model)
+
+    def loaded_models(self) -> list[str]:
+        with self._lock:
+            return [k for k, e in self._cache.items() if e.pipe is not None]
+
+    # -- generation ----------------------------------------------------------------------------------------
+    def generate(self, model_id: str | None, request, callback=None):
+        """``finetuners.generate.generate`` on the cached pipeline, one call at a time per pipeline."""
+        from finetuners.generate import generate
+
+        entry = self._entry(model_id)
+        with entry.run_lock:
+            return generate(entry.pipe, request, callback=callback)
+
+    # -- cache ---------------------------------------------------------------------------------------------
+    def _entry(self, model_id: str | None) -> _Entry:
+        key = self.check_model(model_id)
+        with self._lock:
+            entry = self._cache.setdefault(key, _Entry())
+            self._cache.move_to_end(key)
+        with entry.load_lock:
+            if entry.pipe is None:
+                try:
+                    entry.pipe = self._load(key)
+                except BaseException:
+                    with self._lock:
+                        if self._cache.get(key) is entry:
+                            del self._cache[key]  # a failed load is not cached: the user may fix the folder
+                    raise
+                log.info("loaded model %s", key)
+        self._evict(keep=key)
+        return entry
+
+    def _load(self, key: str):
+        if self._loader is not None:
+            return self._loader(key, self.settings.device, self.settings.dtype)
+        from finetuners.models import load_model
+
+        return load_model(key, self.settings.device, self.settings.dtype)
+
+    def _evict(self, keep: str) -> None:
+        """Drop least recently used pipelines beyond ``max_cached_models``; a running generation keeps its own."""
+        with self._lock:
+            evictable = [k for k in self._cache if k not in (self.settings.model, keep)]
+            while len(self._cache) > max(1, self.settings.max_cached_models) and evictable:
+                key = evictable.pop(0)
+                del self._cache[key]
+                log.info("unloaded model %s", key)
