@@ -10,17 +10,19 @@ the probe reads as satisfying the prompt (``prompt_accuracy``), else the one wit
 left/right answers at random. Pairs (``--source world``): one caption-following procedural image and,
 ``--mismatch`` of the time, one that breaks the caption (a changed colour or shape, a wrong place, a
 missing or an extra object), else a second caption-following render; sides are random.
-(``--source generated``: two samples of the Shapes pipeline for one caption, at different step counts.)
+(``--source generated``: two samples of the Shapes pipeline for one caption, at two of 1/2/4/8 steps; it
+also prints the win rates of the step counts. Sampling makes it much slower: tens of minutes on a CPU.)
 
 The labels go through the real path: a ``LabelStore`` (PNG files, SQLite), then ``train_from_store``
-(probe features + prompt attributes, split by pair, early stopping). The reward is then scored on fresh
-held-out pairs. Reported, on non-tie held-out pairs:
-- accuracy against the labeller's noisy answers (ceiling 1 − flip) and against its noise-free answers;
-- the same for a model without the prompt term (the prompt matters: pairs share a caption, so a
-  prompt-free reward can only learn generic "looks like a Shapes image");
-- the probe's own log-prob difference (the labeller's rule without noise: the ceiling).
-The shipped probe (``assets/shapes-probe``) is used when present, else ``--probe``, else a small probe is
-trained here first (``--probe-steps``; it reads scenes less well, and the report says so).
+(split by pair, early stopping). Each reward is then scored on fresh held-out pairs. Rows of the table,
+all on non-tie held-out pairs, against the labeller's noisy answers (ceiling 1 − flip) and its
+noise-free ones:
+- ``bt_cells``: the default model (probe cell readings × the caption's objects), trained on the labels;
+- ``cells_prior_only``: the same model untrained (its prior alone), to show what the labels add;
+- ``bt_mlp``: the generic MLP on the probe's penultimate features + the caption's attribute embedding;
+- ``probe_oracle``: the probe's log-prob difference (the labeller's own rule, before the flips).
+The probe: ``--probe`` if given, else the shipped ``assets/shapes-probe``, else a small probe trained here
+first (``--probe-steps``; it reads scenes less well, and the output says so).
 """
 
 from __future__ import annotations
@@ -46,7 +48,15 @@ from PIL import Image  # noqa: E402
 
 from finetuners.labels import LabelStore  # noqa: E402
 from finetuners.models import PROBE_PATH  # noqa: E402
-from finetuners.preference import FitConfig, pairwise_accuracy, train_from_store  # noqa: E402
+from finetuners.preference import (  # noqa: E402
+    FitConfig,
+    PreferenceConfig,
+    PreferenceModel,
+    PreferenceReward,
+    ProbeFeatures,
+    pairwise_accuracy,
+    train_from_store,
+)
 from finetuners.shapes.probe import ProbeConfig, ShapesProbe, probe_loss, prompt_accuracy, prompt_log_prob  # noqa: E402
 from finetuners.shapes.world import (  # noqa: E402
     COLOR_NAMES,
@@ -238,21 +248,29 @@ def run_seed(args, probe, seed: int) -> dict:
         if args.source == "generated":
             result["win_rates"] = {r.model: round(r.win_rate, 3) for r in store.win_rates()}
         y_noisy, y_clean = targets(noisy[args.labels :]), targets(clean[args.labels :])
-        for name, use_prompt in (("bt", True), ("bt_no_prompt", False)):
-            t0 = time.time()
-            with one_thread():
-                reward, metrics = train_from_store(
-                    store, Path(tmp) / name, probe, fit=FitConfig(seed=seed), use_prompt=use_prompt
-                )
+
+        def score(name: str, reward, metrics: dict | None, seconds: float) -> None:
             delta = held_out_delta(reward, test_pairs)
             result[name] = {
                 "heldout_acc_noisy": pairwise_accuracy(delta, y_noisy)[0],
                 "heldout_acc_clean": pairwise_accuracy(delta, y_clean)[0],
-                "val_acc_split_by_pair": metrics["val_accuracy"],
-                "val_loss": round(metrics["val_loss"], 4),
-                "best_step": metrics["best_step"],
-                "seconds": round(time.time() - t0, 1),
-            }
+                "val_acc_split_by_pair": None if metrics is None else metrics["val_accuracy"],
+                "seconds": round(seconds, 1),
+            } | (
+                {}
+                if metrics is None
+                else {"val_loss": round(metrics["val_loss"], 4), "best_step": metrics["best_step"]}
+            )
+
+        for name, model in (("bt_cells", "cells"), ("bt_mlp", "mlp")):
+            t0 = time.time()
+            with one_thread():
+                reward, metrics = train_from_store(
+                    store, Path(tmp) / name, probe, model=model, fit=FitConfig(seed=seed)
+                )
+            score(name, reward, metrics, time.time() - t0)
+        # The cells model's prior alone (W = match_init·I, nothing learnt): what the 200 labels add to it.
+        score("cells_prior_only", PreferenceReward(PreferenceModel(PreferenceConfig()), ProbeFeatures(probe)), None, 0)
         store.close()
     test_lp = lp_delta[args.labels :]
     result["probe_oracle"] = {
@@ -279,7 +297,7 @@ def _fmt(x: float | None) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--labels", type=int, default=200, help="labelled pairs to train on")
-    ap.add_argument("--test-pairs", type=int, default=1000, help="fresh held-out pairs to score")
+    ap.add_argument("--test-pairs", type=int, default=None, help="fresh held-out pairs (default 1000; generated: 200)")
     ap.add_argument("--flip", type=float, default=0.1, help="share of left/right answers flipped at random")
     ap.add_argument("--tie-margin", type=float, default=1.0, help="|Δ log-prob| (nats) under which it is a tie")
     ap.add_argument("--mismatch", type=float, default=0.75, help="share of pairs with one caption-breaking image")
@@ -290,6 +308,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--probe-steps", type=int, default=600, help="steps of the fallback probe (no probe found)")
     ap.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1))
     args = ap.parse_args(argv)
+    if args.test_pairs is None:
+        args.test_pairs = 200 if args.source == "generated" else 1000
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     t_start = time.time()
@@ -322,10 +342,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(f"probe: {probe_note}")
     print(f"{'':22s}{'vs noisy labels':>18s}{'vs noise-free':>16s}{'val (split by pair)':>22s}")
-    for name in ("bt", "bt_no_prompt", "probe_oracle"):
+    for name in ("bt_cells", "cells_prior_only", "bt_mlp", "probe_oracle"):
         noisy, clean, val = (_mean([r[name].get(k) for r in results]) for k in _COLUMNS)
         print(f"{name:22s}{_fmt(noisy):>18s}{_fmt(clean):>16s}{_fmt(val):>22s}")
         summary[name] = {"heldout_acc_noisy": noisy, "heldout_acc_clean": clean, "val_acc_split_by_pair": val}
+    if args.source == "generated":
+        print("win rates (first seed):", results[0].get("win_rates"))
     summary["per_seed"] = results
     print(json.dumps(summary))
 

@@ -1,0 +1,262 @@
+"""The Bradley–Terry preference reward: loss, split by pair, learning a planted preference, standardisation,
+gradients, persistence, and training from a label store."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from finetuners.errors import UserError
+from finetuners.labels import LabelStore
+from finetuners.preference import (
+    ATTRIBUTE_DIM,
+    CELL_FEATURES_DIM,
+    OBJECT_TOKENS_DIM,
+    FitConfig,
+    PreferenceConfig,
+    PreferenceData,
+    PreferenceModel,
+    PreferenceReward,
+    ProbeFeatures,
+    _unique_images,
+    bt_loss,
+    fit_preference,
+    pairwise_accuracy,
+    preference_reward,
+    shapes_object_tokens,
+    shapes_prompt_embedding,
+    split_by_pair,
+    train_from_store,
+)
+from finetuners.shapes.probe import ProbeConfig, ShapesProbe
+from finetuners.shapes.world import make_dataset, make_sample, parse_prompt
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: one thread is fastest, and much faster than two on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+PRECOMPUTED = dict(model="mlp", features="precomputed", prompt_embedding="none")
+
+
+def planted(n: int, d: int, seed: int, flip: float = 0.1) -> tuple[PreferenceData, torch.Tensor]:
+    """Features ~ N(0, I); the labeller prefers the image further along a fixed direction w, and flips
+    ``flip`` of the labels at random. Returns (noisy data, noise-free labels)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(d, generator=torch.Generator().manual_seed(1234))
+    f0, f1 = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+    clean = ((f0 - f1) @ w > 0).float()
+    y = torch.where(torch.rand(n, generator=g) < flip, 1 - clean, clean)
+    return PreferenceData(f0, f1, None, y, torch.arange(n)), clean
+
+
+def tiny_probe(seed: int = 0) -> ShapesProbe:
+    torch.manual_seed(seed)
+    return ShapesProbe(ProbeConfig(width=4, feature_dim=8)).eval().requires_grad_(False)
+
+
+def test_bt_loss_matches_its_definition():
+    delta = torch.tensor([0.0, 2.0, -1.0, 0.3])
+    y = torch.tensor([1.0, 1.0, 0.0, 0.5])
+    sig = torch.sigmoid
+    want = -(y * torch.log(sig(delta)) + (1 - y) * torch.log(sig(-delta))).mean()
+    assert bt_loss(delta, y) == pytest.approx(float(want), abs=1e-6)
+    assert bt_loss(torch.zeros(3), torch.tensor([1.0, 0.5, 0.0])) == pytest.approx(math.log(2))
+    d = torch.tensor([0.7], requires_grad=True)  # a tie pulls Δ towards 0: dL/dΔ = σ(Δ) − ½ > 0 for Δ > 0
+    bt_loss(d, torch.tensor([0.5])).backward()
+    assert d.grad.item() == pytest.approx(torch.sigmoid(torch.tensor(0.7)).item() - 0.5, abs=1e-6)
+
+
+def test_pairwise_accuracy_ignores_ties():
+    acc, n = pairwise_accuracy(torch.tensor([1.0, -1.0, 2.0, 0.0, 5.0]), torch.tensor([1.0, 1.0, 0.5, 0.0, 0.5]))
+    assert n == 3 and acc == pytest.approx((1 + 0 + 0.5) / 3)
+    assert pairwise_accuracy(torch.tensor([1.0]), torch.tensor([0.5])) == (None, 0)
+
+
+def test_split_is_by_pair_and_replays():
+    groups = torch.tensor([3, 3, 3, 7, 8, 8, 9, 10, 11, 12, 13, 14, 15, 15])
+    train, val = split_by_pair(groups, 0.3, seed=5)
+    assert sorted(train.tolist() + val.tolist()) == list(range(len(groups)))
+    assert not set(groups[train].tolist()) & set(groups[val].tolist())  # no pair on both sides
+    assert len(torch.unique(groups[val])) == 3  # 30 % of 11 pairs
+    again = split_by_pair(groups, 0.3, seed=5)
+    assert torch.equal(train, again[0]) and torch.equal(val, again[1])
+
+
+def test_prompt_embeddings():
+    e = shapes_prompt_embedding(["a red circle above a blue square", "a red circle", "a zebra"])
+    assert e.shape == (3, ATTRIBUTE_DIM)
+    assert e[0, :18].sum() == 2 and e[1, :18].sum() == 1 and e[2, :-1].sum() == 0 and e[2, -1] == 1
+    assert not torch.equal(e[0], shapes_prompt_embedding(["a red circle below a blue square"])[0])
+    t = shapes_object_tokens(["a red circle above a blue square", "a green square on the left", "a zebra"])
+    assert t.shape == (3, OBJECT_TOKENS_DIM)
+    assert t[0, -2:].tolist() == [1, 1] and t[1, -2:].tolist() == [1, 0] and t[2].sum() == 0
+    above_subject, above_object = t[0, :31], t[0, 31:62]
+    assert (
+        above_subject[:18].argmax() != above_object[:18].argmax() and above_subject[23] == 1 and above_object[24] == 1
+    )
+    assert t[1, 18 + 0] == 1  # "on the left" is the first position word
+
+
+def test_cell_features_read_the_probe():
+    probe = tiny_probe()
+    x = torch.rand(2, 3, 32, 32)
+    f = ProbeFeatures(probe, "cells")(x).unflatten(1, (9, 28))
+    assert f.shape == (2, 9, 28) and CELL_FEATURES_DIM == 9 * 28
+    shape_p = probe(x)[0].softmax(-1)
+    assert torch.allclose(f[..., 0], shape_p[..., 0], atol=1e-6)  # P(empty)
+    assert torch.allclose(f[..., 0] + f[..., 1:19].sum(-1), torch.ones(2, 9), atol=1e-5)  # a distribution per cell
+    assert torch.equal(f[0, :, 19:], torch.eye(9))
+    assert ProbeFeatures(probe, "penultimate")(x).shape == (2, 8)
+
+
+def test_learns_a_planted_preference_from_200_noisy_labels():
+    data, _ = planted(200, d=8, seed=0)
+    config = PreferenceConfig(feature_dim=8, **PRECOMPUTED)
+    model, metrics = fit_preference(data, config, FitConfig(seed=0))
+    assert metrics["n_train"] + metrics["n_val"] == 200 and metrics["n_val"] == 40
+    assert metrics["val_accuracy"] >= 0.7 and metrics["n_val_non_tie"] == 40
+    test, clean = planted(2000, d=8, seed=1)  # fresh pairs, never seen
+    with torch.no_grad():
+        delta = model.raw(test.features_0) - model.raw(test.features_1)
+    assert pairwise_accuracy(delta, clean)[0] >= 0.85  # the labeller's true preference
+    assert pairwise_accuracy(delta, test.y)[0] >= 0.78  # against noisy labels (ceiling 0.9)
+    # Replays exactly from the seed.
+    again, _ = fit_preference(data, config, FitConfig(seed=0))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_output_is_standardised_over_the_training_images():
+    data, _ = planted(120, d=6, seed=2)
+    fit = FitConfig(seed=3, val_fraction=0.25)
+    model, _ = fit_preference(data, PreferenceConfig(feature_dim=6, **PRECOMPUTED), fit)
+    train_idx, _ = split_by_pair(data.groups, fit.val_fraction, fit.seed)
+    with torch.no_grad():
+        r = model(_unique_images(data.subset(train_idx)))
+    assert len(r) == 2 * 90
+    assert r.mean().item() == pytest.approx(0, abs=1e-5) and r.std().item() == pytest.approx(1, abs=1e-5)
+    with torch.no_grad():  # standardising is affine: the preference between two images is unchanged
+        raw = model.raw(data.features_0[:5]) - model.raw(data.features_1[:5])
+        std = model(data.features_0[:5]) - model(data.features_1[:5])
+    assert torch.allclose(std * model.reward_std, raw, atol=1e-5)
+
+
+def test_ties_pull_the_difference_to_zero():
+    data, _ = planted(100, d=4, seed=4)
+    data.y[:] = 0.5
+    model, metrics = fit_preference(data, PreferenceConfig(feature_dim=4, **PRECOMPUTED), FitConfig(seed=0))
+    assert metrics["val_accuracy"] is None and metrics["val_loss"] == pytest.approx(math.log(2), abs=0.01)
+
+
+def test_too_few_pairs_is_a_user_error():
+    data, _ = planted(5, d=4, seed=0)
+    with pytest.raises(UserError, match="at least 10 labelled pairs"):
+        fit_preference(data, PreferenceConfig(feature_dim=4, **PRECOMPUTED))
+    with pytest.raises(UserError):
+        PreferenceConfig(feature_dim=4, prompt_embedding="none")  # prompt_dim must then be 0
+
+
+def _reward(model: str, seed: int = 0) -> PreferenceReward:
+    torch.manual_seed(seed)
+    probe = tiny_probe(seed)
+    if model == "cells":
+        config, features = PreferenceConfig(hidden=8), ProbeFeatures(probe, "cells")
+    else:
+        config = PreferenceConfig(model="mlp", feature_dim=8, features="shapes-probe",
+                                  prompt_embedding="shapes-attributes", hidden=8, rank=4)  # fmt: skip
+        features = ProbeFeatures(probe, "penultimate")
+    reward_model = PreferenceModel(config)
+    with torch.no_grad():
+        reward_model.reward_mean.fill_(0.3)
+        reward_model.reward_std.fill_(2.0)
+    return PreferenceReward(reward_model.eval(), features)
+
+
+@pytest.mark.parametrize("model", ["cells", "mlp"])
+def test_reward_signature_range_check_and_gradient(model):
+    reward = _reward(model)
+    prompts = ["a red circle", "a blue square above a green triangle"]
+    images = torch.rand(2, 3, 32, 32, requires_grad=True)
+    rewards, info = reward(images, prompts, [{}, {}])
+    assert rewards.shape == (2,) and rewards.dtype == torch.float32 and "preference_raw" in info
+    rewards.sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        reward(torch.full((1, 3, 32, 32), 1.5), prompts[:1], [{}])
+    with pytest.raises(ValueError, match="float32"):
+        reward(torch.rand(1, 3, 32, 32, dtype=torch.float64), prompts[:1], [{}])
+    # Autograd agrees with central finite differences along random directions (float64 copy of the reward).
+    reward64 = PreferenceReward(reward.model.double(), reward.features.double())
+    g = torch.Generator().manual_seed(0)
+    x = (0.1 + 0.8 * torch.rand(2, 3, 16, 16, generator=g, dtype=torch.float64)).requires_grad_(True)  # resized inside
+    (grad,) = torch.autograd.grad(reward64.score(x, prompts).sum(), x)
+    eps = 1e-6
+    with torch.no_grad():
+        for _ in range(3):
+            v = torch.randn(x.shape, generator=g, dtype=torch.float64)
+            fd = (reward64.score(x + eps * v, prompts).sum() - reward64.score(x - eps * v, prompts).sum()) / (2 * eps)
+            assert fd.item() == pytest.approx((grad * v).sum().item(), rel=1e-5, abs=1e-8)
+
+
+def _world_store(tmp_path, n_pairs: int, seed: int = 0) -> LabelStore:
+    """Pairs of a caption-following Shapes image and one with a changed colour; a noise-free labeller
+    prefers the one that follows the caption."""
+    from PIL import Image
+
+    store = LabelStore(tmp_path / "db.sqlite")
+    rng = np.random.default_rng(seed)
+    for i, good in enumerate(make_dataset(n_pairs, seed=seed)):
+        shape, color = good.spec.objects[0]
+        other = "red" if color != "red" else "blue"
+        bad_spec = parse_prompt(good.caption.replace(f"{color} {shape}", f"{other} {shape}", 1))
+        bad = make_sample(rng, bad_spec)
+        pngs = []
+        for s in (good, bad):
+            buf = io.BytesIO()
+            Image.fromarray(s.image).save(buf, format="PNG")
+            pngs.append(buf.getvalue())
+        left_good = i % 2 == 0
+        pair = store.add_pair(good.caption, *(pngs if left_good else pngs[::-1]), "world", "world-recoloured")
+        store.add_label(pair, "sim", "left" if left_good else "right")
+    return store
+
+
+def test_train_from_store_save_load_and_probe_check(tmp_path):
+    store = _world_store(tmp_path, 24)
+    probe = tiny_probe()
+    out = tmp_path / "reward"
+    reward, metrics = train_from_store(store, out, probe, fit=FitConfig(seed=0, max_steps=200), hidden=16, rank=4)
+    assert metrics["n_pairs"] == 24 and metrics["n_val"] == 5 and 0 <= metrics["val_accuracy"] <= 1
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+
+    loaded = preference_reward(out, probe)
+    x = torch.rand(3, 3, 32, 32)
+    prompts = ["a red circle", "a blue square on the left", "a zebra"]
+    assert torch.allclose(loaded(x, prompts, [{}] * 3)[0], reward(x, prompts, [{}] * 3)[0], atol=1e-6)
+    assert loaded.metrics["n_pairs"] == 24
+
+    with pytest.raises(UserError, match="another Shapes probe"):
+        preference_reward(out, tiny_probe(seed=1))
+    with pytest.raises(UserError, match="no preference model"):
+        preference_reward(tmp_path / "nothing-here", probe)
+    with pytest.raises(UserError, match="Shapes probe is not in"):
+        preference_reward(out, tmp_path / "no-probe")
+    # Retraining replaces the saved model in one step.
+    train_from_store(store, out, probe, fit=FitConfig(seed=1, max_steps=50), hidden=16, rank=4)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".reward")]
+    store.close()
+
+
+def test_train_from_an_empty_store_is_a_user_error(tmp_path):
+    with LabelStore(tmp_path / "db.sqlite") as store, pytest.raises(UserError, match="no labels"):
+        train_from_store(store, None, tiny_probe())
