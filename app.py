@@ -26,6 +26,8 @@ CSS = """
 #sample-gallery img, #sample-strip img { image-rendering: pixelated; }
 #sample-gallery .fixed-height { min-height: 300px; max-height: none; }
 #sample-strip .fixed-height { min-height: 120px; max-height: none; }
+.pixel-gallery img { image-rendering: pixelated; }
+.pixel-gallery .fixed-height { min-height: 240px; max-height: none; }
 .error-text p, .error-text strong { color: var(--error-text-color, #b91c1c); }
 """
 
@@ -103,15 +105,17 @@ def settings_from_args(args: argparse.Namespace):
 
 
 def build_app(backend) -> gr.Blocks:
-    """Every tab, composed over one shared backend. Tabs to come: Label, Fine-tune, Adaptive steps, Superpose."""
+    """Every tab, composed over one shared backend. Tabs to come: Label, Fine-tune, Adaptive steps."""
     import gradio as gr
 
     from ui.sample_tab import build_sample_tab
+    from ui.superpose_tab import build_superpose_tab
 
     with gr.Blocks(title="finetuners") as demo:
         gr.Markdown("## finetuners · few-step text-to-image workbench")
         with gr.Tabs():
             build_sample_tab(backend)
+            build_superpose_tab(backend)
     demo.queue(max_size=backend.settings.queue_size, default_concurrency_limit=backend.settings.concurrency)
     return demo
 

@@ -4,6 +4,12 @@
     python -m finetuners sample --model stabilityai/sd-turbo --sampler ddim-trailing --steps 1 \
         --guidance 0 --device cuda --prompt "..."
 
+    python -m finetuners superpose --prompt-a "a red circle" --prompt-b "a blue square" --mode and --out out/
+    python -m finetuners superpose --model shapes --model-b runs/first/checkpoint --prompt "..." --mode or
+
+    python -m finetuners train --method sdpo --reward shapes-probe --model shapes --run runs/first --epochs 10
+    python -m finetuners train --run runs/first --resume
+
 Bad input prints one line on stderr and exits with status 2; nothing is written.
 """
 
@@ -58,6 +64,101 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_superpose(args: argparse.Namespace) -> int:
+    """SuperDiff (ALGORITHMS.md §4): two prompts on one model, or two models (--model-b) on one prompt."""
+    import json
+    from dataclasses import asdict, replace
+
+    from .imageio import atomic_write_bytes, save_png
+    from .models import load_model, model_defaults
+    from .superdiff import SuperDiffConfig, superpose_models, superpose_prompts
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {str(out)!r} exists and is not a folder")
+    prompt_a = args.prompt_a if args.prompt_a is not None else args.prompt
+    if prompt_a is None or not prompt_a.strip():
+        raise UserError("the prompt is empty: pass --prompt-a (or --prompt) with what the image should show")
+    if args.model_b is None and (args.prompt_b is None or not args.prompt_b.strip()):
+        raise UserError("two prompts are needed on one model: pass --prompt-b (or --model-b to superpose two models)")
+    if args.model_b is not None and args.model_b == args.model:
+        raise UserError("--model-b is the same as --model: pick two different models, or superpose two prompts")
+    # validated before any model loads; the model's own guidance replaces the placeholder below
+    config = SuperDiffConfig(mode=args.mode, temperature=args.temperature, bias=(args.bias, 0.0), steps=args.steps,
+                             guidance=args.guidance if args.guidance is not None else 1.0)  # fmt: skip
+    pipe = load_model(args.model, args.device, args.dtype, allow_download=args.allow_download)
+    if args.guidance is None:
+        config = replace(config, guidance=model_defaults(pipe).guidance)
+    if args.model_b is None:
+        prompts, models = [prompt_a, args.prompt_b], [args.model]
+        result = superpose_prompts(pipe, prompt_a, args.prompt_b, config, args.seed, args.batch,
+                                   negative_prompt=args.negative_prompt)  # fmt: skip
+    else:
+        pipe_b = load_model(args.model_b, args.device, args.dtype, allow_download=args.allow_download)
+        prompts, models = [prompt_a, args.prompt_b or prompt_a], [args.model, args.model_b]
+        result = superpose_models(pipe, pipe_b, prompt_a, config, args.seed, args.batch, prompt_b=args.prompt_b,
+                                  negative_prompt=args.negative_prompt)  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(result.images):
+        path = out / f"{args.mode}_seed{args.seed + i}.png"
+        save_png(image, path)
+        print(path)
+    traces = {
+        "mode": args.mode, "models": models, "prompts": prompts, "seed": args.seed, "batch": args.batch,
+        "config": asdict(config), "nfe": result.nfe, "unet_rows": result.info["unet_rows"],
+        "seconds": result.seconds, "timesteps": result.ladder.timesteps.tolist(),
+        "sigmas": result.ladder.sigmas.tolist(),  # σ̃_0 … σ̃_N = 0, [N+1]
+        "kappa": result.kappa.tolist(),  # [N][B][M]: the weights of each step
+        "log_q": result.log_q.tolist(),  # [N+1][B][M]: ℓ_i at σ̃_0 … σ̃_N, nats (0 at the start)
+    }  # fmt: skip
+    path = out / f"{args.mode}_seed{args.seed}_traces.json"
+    atomic_write_bytes(path, json.dumps(traces, indent=1).encode())
+    print(path)
+    gap = (result.log_q[-1, :, 0] - result.log_q[-1, :, 1]).mean().item()
+    print(f"{result.seconds:.3f} s, {result.info['unet_rows'] // (config.steps * args.batch)} UNet rows per step per "
+          f"image, final ℓ_A − ℓ_B {gap:+.3g} nats (batch mean)", file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .runs import read_json, split_run_arg
+    from .sdpo import SDPOConfig
+    from .trainer import TrainConfig, train
+
+    run_dir = split_run_arg(args.run)
+    overrides = {k: v for k, v in {
+        "model": args.model, "reward": args.reward, "num_epochs": args.epochs, "learning_rate": args.lr,
+        "sample_batch_size": args.batch, "num_batches_per_epoch": args.batches, "num_steps": args.train_steps,
+        "seed": args.seed, "adapter": args.adapter, "lora_rank": args.lora_rank, "precision": args.precision,
+        "train_batch_size": args.train_batch, "grad_accum": args.grad_accum, "eval_sampler": args.eval_sampler,
+        "timestep_spacing": args.train_spacing,
+    }.items() if v is not None}  # fmt: skip
+    extra = {k: v for k, v in {
+        "method": args.method, "reward_weights": args.reward_weights, "device": args.device,
+        "eval_every": args.eval_every, "checkpoint_every": args.checkpoint_every,
+        "num_eval_prompts": args.eval_prompts,
+    }.items() if v is not None}  # fmt: skip
+    if args.eval_steps is not None:
+        overrides["eval_steps"] = tuple(args.eval_steps)
+    if args.resume:
+        config = None
+        if overrides or extra or args.preset:  # settings given with --resume must match the stored ones
+            stored = TrainConfig.from_dict(read_json(run_dir / "config.json")["config"]) \
+                if (run_dir / "config.json").is_file() else None  # fmt: skip
+            if stored is not None:
+                algo = SDPOConfig(**{**stored.algo.to_dict(), **overrides})
+                config = TrainConfig(**{**{k: getattr(stored, k) for k in ("method", "reward_weights", "device",
+                                     "eval_every", "num_eval_prompts", "checkpoint_every", "keep_checkpoints")},
+                                     **extra, "algo": algo})  # fmt: skip
+    else:
+        overrides.setdefault("model", "shapes")
+        algo = SDPOConfig.preset(args.preset or "shapes", **overrides)
+        config = TrainConfig(algo=algo, **extra)
+    status = train(run_dir, config, resume=args.resume)
+    print(f"{run_dir}: {status['state']}" + (f" ({status['error']})" if status.get("error") else ""))
+    return 0 if status["state"] in ("finished", "stopped") else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m finetuners", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -77,6 +178,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strip", action="store_true", help="also write the per-step x̂0 strip")
     p.add_argument("--out", default="out")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("superpose", help="SuperDiff OR / AND of two prompts or two models; PNGs and κ/ℓ traces")
+    _add_model_args(p)
+    p.add_argument("--model-b", default=None, help="a second model: superpose two models on one prompt")
+    p.add_argument("--prompt-a", default=None, help="prompt of A (two prompts on one model)")
+    p.add_argument("--prompt", default=None, help="the prompt, with --model-b (same as --prompt-a)")
+    p.add_argument("--prompt-b", default=None, help="prompt of B (with --model-b: B's own prompt, default the same)")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--mode", choices=("and", "or", "avg"), default="and", help="avg: averaged predictions, κ = ½")
+    p.add_argument("--temperature", type=float, default=1.0, help="OR: κ = softmax(T·ℓ + b), T > 0")
+    p.add_argument("--bias", type=float, default=0.0, help="nats; OR: log-odds of A over B; AND: final ℓ_A − ℓ_B")
+    p.add_argument("--steps", type=int, default=100, help="Euler–Maruyama steps, at least 20 (1000: the paper's)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance; ≤ 1 is off")
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--out", default="out")
+    p.set_defaults(func=cmd_superpose)
+
+    p = sub.add_parser("train", help="fine-tune with SDPO or DDPO into a run folder")
+    p.add_argument("--run", required=True, help="run folder, runs/NAME (created; must be new unless --resume)")
+    p.add_argument("--method", choices=("sdpo", "ddpo"), default=None, help="default: sdpo")
+    p.add_argument("--reward", default=None, help="reward name (default: the preset's)")
+    p.add_argument("--reward-weights", default=None, help="local weights path for rewards that need one")
+    p.add_argument("--model", default=None, help="pipeline folder, hub id in the local cache, or 'shapes'")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default=None)
+    p.add_argument("--preset", default=None, help="SDPO preset (default: shapes)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate, in (0, 1]")
+    p.add_argument("--batch", type=int, default=None, help="prompts per sampling batch")
+    p.add_argument("--batches", type=int, default=None, help="sampling batches per epoch")
+    p.add_argument("--train-batch", type=int, default=None, help="pairs (SDPO) or samples (DDPO) per minibatch")
+    p.add_argument("--grad-accum", type=int, default=None)
+    p.add_argument("--train-steps", type=int, default=None, help="K_train, sampling steps of training trajectories")
+    p.add_argument("--eval-steps", type=int, nargs="+", default=None)
+    p.add_argument(
+        "--eval-sampler",
+        choices=("ddim", "ddim-trailing", "lcm"),
+        default=None,
+        help="deterministic evaluation sampler (trailing is needed for a meaningful 1-step eval)",
+    )
+    p.add_argument("--train-spacing", choices=("leading", "trailing", "pipeline"), default=None)
+    p.add_argument("--eval-every", type=int, default=None)
+    p.add_argument("--eval-prompts", type=int, default=None)
+    p.add_argument("--checkpoint-every", type=int, default=None)
+    p.add_argument("--adapter", choices=("lora", "full"), default=None)
+    p.add_argument("--lora-rank", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    p.set_defaults(func=cmd_train)
     return parser
 
 

@@ -119,3 +119,26 @@ def test_a_missing_model_typed_in_shows_a_message(page):
     model.press("Enter")
     page.locator("#sample-error").get_by_text("does not exist").wait_for()
     assert "Traceback" not in page.content()
+
+
+def test_superpose_and_shows_images_and_the_kappa_plot(page):
+    page.get_by_role("tab", name="Superpose").click()
+    page.locator("#superpose-prompt-a textarea").fill("a red circle")
+    page.locator("#superpose-prompt-b textarea").fill("a blue square")
+    steps = page.locator("#superpose-steps input[type=number]")
+    steps.fill("20")  # the fewest the density estimator accepts
+    steps.press("Enter")
+    page.locator("#superpose-mode").get_by_text("AND", exact=True).click()
+    page.locator("#superpose-run").click()
+    page.locator("#superpose-kappa .js-plotly-plot").wait_for(timeout=180_000)
+    for gallery in ("#superpose-gallery", "#superpose-avg", "#superpose-baseline"):
+        page.wait_for_function(
+            f"() => {{ const i = document.querySelector('{gallery} img'); return i && i.complete && i.naturalWidth; }}"
+        )
+    n_points = page.locator("#superpose-kappa .js-plotly-plot").evaluate("p => p.data[0].x.length")
+    assert n_points == 20  # κ_A at every step
+    info = page.locator("#superpose-info").inner_text()
+    assert "AND" in info and "3 UNet rows per step" in info
+    assert page.locator("#superpose-error").inner_text().strip() == ""
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "superpose-tab.png"), full_page=True)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,6 +94,20 @@ class Backend:
         entry = self._entry(model_id)
         with entry.run_lock:
             return generate(entry.pipe, request, callback=callback)
+
+    def run_with(self, model_ids: Sequence[str | None], fn: Callable):
+        """``fn(*pipes)`` on the cached pipelines of ``model_ids`` while holding each one's run lock.
+
+        For work that needs several pipelines at once (SuperDiff of two models). The locks are taken in a
+        fixed order (by model name), so two clicks asking for the same pair never deadlock; a model named
+        twice is locked once.
+        """
+        keys = [self.check_model(m) for m in model_ids]
+        entries = {key: self._entry(key) for key in dict.fromkeys(keys)}
+        with ExitStack() as stack:
+            for key in sorted(entries):
+                stack.enter_context(entries[key].run_lock)
+            return fn(*(entries[key].pipe for key in keys))
 
     # -- cache ---------------------------------------------------------------------------------------------
     def _entry(self, model_id: str | None) -> _Entry:

@@ -1,0 +1,143 @@
+"""Reward functions (ALGORITHMS.md §6) in one explicit registry.
+
+Every reward is built by a factory, ``make_reward(name, device=..., weights=...)``, and has the signature
+``reward_fn(images [B, 3, H, W] float32 in [0, 1], prompts, metadata) -> (rewards float32 [B], info)``.
+Heavy imports live inside the factories. Weights come only from a user-given local path, never a download.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import UserError
+
+RewardFn = Callable[[torch.Tensor, list, list], tuple[torch.Tensor, dict]]
+JPEG_QUALITY = 95
+
+
+@dataclass(frozen=True)
+class RewardSpec:
+    name: str
+    factory: Callable[..., RewardFn]
+    differentiable: bool
+    needs_weights: bool
+    description: str
+
+
+def check_images(images: torch.Tensor) -> None:
+    """The §6 contract: float32 [B, 3, H, W] in [0, 1]."""
+    assert images.dtype == torch.float32, f"rewards take float32 images, got {images.dtype}"
+    assert images.ndim == 4 and images.shape[1] == 3, f"rewards take [B, 3, H, W], got {tuple(images.shape)}"
+    assert float(images.min()) >= 0.0 and float(images.max()) <= 1.0, "rewards take images in [0, 1]"
+
+
+def jpeg_kilobytes(images: torch.Tensor) -> torch.Tensor:
+    """Size in kB of each image as a PIL JPEG at quality 95 (as DDPO)."""
+    arr = (images.detach().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    sizes = []
+    for a in arr:
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="JPEG", quality=JPEG_QUALITY)
+        sizes.append(buf.tell() / 1000.0)
+    return torch.tensor(sizes, dtype=torch.float32)
+
+
+def _jpeg(sign: float) -> Callable[..., RewardFn]:
+    def factory(device=None, weights=None) -> RewardFn:
+        def fn(images, prompts, metadata):
+            check_images(images)
+            kb = jpeg_kilobytes(images)
+            return sign * kb, {"jpeg_kb": kb}
+
+        return fn
+
+    return factory
+
+
+def _probe(weights, device):
+    from .models import PROBE_PATH
+    from .shapes.probe import ShapesProbe
+
+    folder = Path(weights) if weights else PROBE_PATH
+    if not (folder / "model.safetensors").is_file():
+        raise UserError(f"the Shapes probe is missing: no model.safetensors in {str(folder)!r}; "
+                        "pass --reward-weights PATH to a probe folder")  # fmt: skip
+    return ShapesProbe.load(folder, device or "cpu")
+
+
+def _shapes_probe(device=None, weights=None) -> RewardFn:
+    from .shapes.probe import prompt_log_prob
+
+    probe = _probe(weights, device)
+
+    def fn(images, prompts, metadata):
+        check_images(images)
+        dev = next(probe.parameters()).device
+        return prompt_log_prob(probe, images.to(dev), list(prompts)).float().cpu(), {}
+
+    return fn
+
+
+def _shapes_accuracy(device=None, weights=None) -> RewardFn:
+    from .shapes.probe import prompt_accuracy
+
+    probe = _probe(weights, device)
+
+    @torch.no_grad()
+    def fn(images, prompts, metadata):
+        check_images(images)
+        dev = next(probe.parameters()).device
+        return prompt_accuracy(probe, images.to(dev), list(prompts)).float().cpu(), {}
+
+    return fn
+
+
+def _needs_weights(name: str, what: str) -> Callable[..., RewardFn]:
+    def factory(device=None, weights=None) -> RewardFn:
+        if not weights:
+            raise UserError(f"reward {name!r} ({what}) is not available offline: download its weights yourself "
+                            f"and pass --reward-weights PATH")  # fmt: skip
+        if not Path(weights).exists():
+            raise UserError(f"reward {name!r}: weights path {str(weights)!r} does not exist")
+        raise UserError(f"reward {name!r}: loading local weights is not implemented yet ({str(weights)!r})")
+
+    return factory
+
+
+REGISTRY: dict[str, RewardSpec] = {
+    s.name: s
+    for s in [
+        RewardSpec("jpeg-compressibility", _jpeg(-1.0), False, False, "−JPEG size in kB at quality 95"),
+        RewardSpec("jpeg-incompressibility", _jpeg(1.0), False, False, "+JPEG size in kB at quality 95"),
+        RewardSpec("shapes-probe", _shapes_probe, True, False, "Shapes probe log-prob of the prompt"),
+        RewardSpec("shapes-accuracy", _shapes_accuracy, False, False, "Shapes probe exact prompt accuracy"),
+        RewardSpec(
+            "aesthetic",
+            _needs_weights("aesthetic", "LAION aesthetic MLP on CLIP ViT-L/14"),
+            True,
+            True,
+            "LAION aesthetic score",
+        ),  # fmt: skip
+        RewardSpec("imagereward", _needs_weights("imagereward", "BLIP + MLP"), True, True, "ImageReward"),
+        RewardSpec("pickscore", _needs_weights("pickscore", "CLIP-H fine-tuned"), True, True, "PickScore"),
+        RewardSpec("hpsv2", _needs_weights("hpsv2", "open_clip ViT-H-14 + HPS"), True, True, "HPSv2"),
+    ]
+}
+
+
+def reward_spec(name: str) -> RewardSpec:
+    if name not in REGISTRY:
+        raise UserError(f"unknown reward {name!r}: choose one of {', '.join(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def make_reward(name: str, device=None, weights: str | Path | None = None) -> RewardFn:
+    """Build the named reward; ``weights`` is a local path (required where ``needs_weights``)."""
+    return reward_spec(name).factory(device=device, weights=weights)

@@ -1,0 +1,564 @@
+"""The SDPO / DDPO training driver (ALGORITHMS.md §0, §1): a thin loop over the shared pure core.
+
+    train(run_dir, config, stop_event=None, on_metrics=None)   # a new run
+    train(run_dir, resume=True)                                # continue from the last complete checkpoint
+
+One epoch: sample (SDPO: pairs from one x_T, η = 1, CFG off; DDPO: single trajectories, η = 1), reward
+(SDPO: dense rewards from 3 queries per trajectory; DDPO: the final image), advantages (per (prompt, step)
+or per prompt FIFO), then updates (SDPO: step-shuffled columns, an optimiser step every ``grad_accum``
+minibatches; DDPO: PPO over all K steps accumulated into one optimiser step). AdamW, gradient norm clipped.
+Every ``eval_every`` epochs: mean reward (and Shapes probe accuracy) at ``eval_steps`` with the
+deterministic sampler on fixed prompts and seeds. The run folder layout is in ``runs.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import logging
+import math
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import runs
+from .errors import UserError
+from .rl import PerPromptStatTracker, ddpo_advantages, ppo_clip_loss, ratio_clip_fraction, transition_log_probs
+from .sdpo import (
+    PairSteps,
+    SDPOConfig,
+    dense_rewards,
+    discounted_returns,
+    iter_minibatches,
+    latent_reward,
+    pair_generators,
+    sample_pairs,
+    sdpo_advantages,
+    sdpo_minibatch_loss,
+    shuffle_steps,
+    step_tracker,
+    step_weights,
+    train_timesteps,
+)
+
+log = logging.getLogger(__name__)
+METHODS = ("sdpo", "ddpo")
+PROMPT_SETS = ("shapes",)
+CONFIG_VERSION = 1
+
+
+class TrainingFailed(RuntimeError):
+    """The run cannot go on (e.g. a NaN loss); status.json says why."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What ``train`` needs beyond the method's hyper-parameters (``algo``, an ``SDPOConfig``; DDPO uses the
+    same keys: sample batches, K, η, lr, clip range, tracker, adv clip)."""
+
+    method: str = "sdpo"
+    algo: SDPOConfig = field(default_factory=lambda: SDPOConfig.preset("shapes"))
+    reward_weights: str | None = None  # local path for rewards that need weights (and the Shapes probe)
+    device: str = "cpu"
+    eval_every: int = 5  # epochs between evaluations (also before the first and after the last epoch)
+    num_eval_prompts: int = 8
+    checkpoint_every: int = 1  # epochs between checkpoints (also at stop and at the end)
+    keep_checkpoints: int = 3
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise UserError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
+        if self.algo.prompts not in PROMPT_SETS:
+            raise UserError(f"unknown prompt set {self.algo.prompts!r}: choose one of {', '.join(PROMPT_SETS)}")
+        for name, lo, hi in [("eval_every", 1, 10**6), ("num_eval_prompts", 1, 4096),
+                             ("checkpoint_every", 1, 10**6), ("keep_checkpoints", 1, 1000)]:  # fmt: skip
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+                raise UserError(f"{name} must be a whole number from {lo} to {hi}, got {v!r}")
+        from .rewards import reward_spec
+
+        reward_spec(self.algo.reward)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["algo"] = self.algo.to_dict()
+        d["algo"]["adam_betas"] = list(d["algo"]["adam_betas"])
+        d["algo"]["eval_steps"] = list(d["algo"]["eval_steps"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        d = dict(d)
+        algo = dict(d.pop("algo"))
+        algo["adam_betas"] = tuple(algo["adam_betas"])
+        algo["eval_steps"] = tuple(algo["eval_steps"])
+        return cls(algo=SDPOConfig(**algo), **d)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------------
+def model_fingerprint(folder: str | Path) -> str:
+    """sha256 over the pipeline's config files and the sizes of its weight files (cheap, catches swaps)."""
+    h = hashlib.sha256()
+    for p in sorted(Path(folder).rglob("*")):
+        if p.is_file() and not p.name.startswith("."):
+            rel = p.relative_to(folder).as_posix()
+            h.update(rel.encode())
+            h.update(p.read_bytes() if p.suffix == ".json" else str(p.stat().st_size).encode())
+    return h.hexdigest()
+
+
+def training_prompts(cfg: SDPOConfig, epoch: int, batch: int, n: int) -> list[str]:
+    from .shapes.world import caption, random_spec
+
+    rng = np.random.default_rng([cfg.seed, epoch, batch])
+    return [caption(random_spec(rng)) for _ in range(n)]
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+
+
+def _cat_steps(parts: list[PairSteps]) -> PairSteps:
+    values = {f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(PairSteps)}
+    values["pair_index"] = torch.arange(values["pair_index"].shape[0], device=values["pair_index"].device)
+    return PairSteps(**values)
+
+
+class _Stopper:
+    def __init__(self, run_dir: Path, stop_event):
+        self.file, self.event = run_dir / "STOP", stop_event
+
+    def __call__(self) -> bool:
+        return (self.event is not None and self.event.is_set()) or self.file.exists()
+
+
+class _Stopped(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------------
+# The trainer
+# ---------------------------------------------------------------------------------------------------
+class Trainer:
+    def __init__(self, run_dir: Path, config: TrainConfig, pipe, reward_fn, accuracy_fn):
+        from .denoisers import UNetDenoiser
+        from .generate import _CastDenoiser, schedule_tensors
+        from .lora import add_lora
+
+        self.run_dir, self.config, self.cfg, self.pipe = run_dir, config, config.algo, pipe
+        self.reward_fn, self.accuracy_fn = reward_fn, accuracy_fn
+        self.device = pipe.device
+        unet = pipe.unet
+        pipe.vae.requires_grad_(False)
+        pipe.text_encoder.requires_grad_(False)
+        if self.cfg.adapter == "lora":
+            torch.manual_seed(self.cfg.seed)  # LoRA A is initialised randomly: same config ⇒ same run
+            self.params = add_lora(unet, self.cfg.lora_rank)
+        else:
+            unet.requires_grad_(True)
+            self.params = [p for p in unet.parameters() if p.requires_grad]
+        unet.train()
+        self.denoiser = _CastDenoiser(UNetDenoiser(unet), unet.dtype)
+        self.optimizer = torch.optim.AdamW(self.params, lr=self.cfg.learning_rate, betas=self.cfg.adam_betas,
+                                           weight_decay=self.cfg.weight_decay, eps=self.cfg.adam_eps)  # fmt: skip
+        if config.method == "sdpo":
+            self.tracker = step_tracker(self.cfg.buffer_size, self.cfg.min_count)
+        else:
+            self.tracker = PerPromptStatTracker(self.cfg.buffer_size, self.cfg.min_count)
+        self.shuffle_gen = torch.Generator().manual_seed(self.cfg.seed)
+        self.alphas, self.final_alpha = schedule_tensors(pipe, self.device)
+        self.prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
+        self.ts = train_timesteps(pipe, self.cfg.num_steps, self.cfg.timestep_spacing)
+        self.epoch = 0  # epochs completed
+        self.global_step = 0  # optimiser steps taken
+        self.reward_queries = 0
+        self.in_epoch = False
+
+    # -- state ------------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        from .lora import save_full_unet, save_lora
+
+        def write(tmp: Path) -> None:
+            if self.cfg.adapter == "lora":
+                save_lora(self.pipe.unet, tmp / "lora")
+            else:
+                save_full_unet(self.pipe.unet, tmp / "unet")
+            state = {
+                "epoch": self.epoch, "global_step": self.global_step, "reward_queries": self.reward_queries,
+                "optimizer": self.optimizer.state_dict(), "tracker": self.tracker.state_dict(),
+                "shuffle_rng": self.shuffle_gen.get_state(), "torch_rng": torch.get_rng_state(),
+            }  # fmt: skip
+            torch.save(state, tmp / runs.CHECKPOINT_STATE)
+
+        return runs.write_checkpoint(self.run_dir, self.global_step, write, self.config.keep_checkpoints)
+
+    def load_checkpoint(self, folder: Path) -> None:
+        try:
+            state = torch.load(folder / runs.CHECKPOINT_STATE, map_location="cpu", weights_only=True)
+            if self.cfg.adapter == "lora":
+                self._load_lora(folder / "lora")
+            else:
+                from diffusers import UNet2DConditionModel
+
+                loaded = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True)
+                self.pipe.unet.load_state_dict(loaded.state_dict())
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.tracker.load_state_dict(state["tracker"])
+            self.shuffle_gen.set_state(state["shuffle_rng"])
+            torch.set_rng_state(state["torch_rng"])
+            self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
+            self.reward_queries = int(state["reward_queries"])
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any unreadable piece means a corrupt checkpoint
+            raise UserError(f"checkpoint {str(folder)!r} is corrupt: {type(e).__name__}: {e}") from e
+
+    def _load_lora(self, folder: Path) -> None:
+        from diffusers.utils import convert_unet_state_dict_to_peft
+        from peft.utils import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        from .lora import LORA_FILE
+
+        sd = load_file(folder / LORA_FILE)
+        sd = {k.removeprefix("unet."): v for k, v in sd.items()}
+        result = set_peft_model_state_dict(self.pipe.unet, convert_unet_state_dict_to_peft(sd), adapter_name="default")
+        if getattr(result, "unexpected_keys", None):
+            raise UserError(f"checkpoint LoRA does not fit this model: unexpected keys {result.unexpected_keys[:3]}")
+
+    # -- sampling and rewards -----------------------------------------------------------------------
+    def _encode(self, prompts: list[str]) -> torch.Tensor:
+        from .generate import encode
+
+        with torch.no_grad():
+            return encode(self.pipe, prompts, None, False)[0].float()
+
+    def _x_T(self, gens: list) -> torch.Tensor:
+        from .sampling import initial_noise
+
+        unet = self.pipe.unet
+        shape = (len(gens), unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+        return initial_noise(shape, gens, self.device, dtype=torch.float32)
+
+    def _seeds(self, batch: int, n: int) -> list[int]:
+        base = (self.cfg.seed * 1_000_003 + self.epoch * 4096 + batch) * 4096
+        return [(base + i) % (2**40) for i in range(n)]
+
+    def _sdpo_epoch(self, stop) -> dict:
+        cfg = self.cfg
+        self.pipe.unet.eval()
+        pairs, conds, prompts_all, exact, dense_list = [], [], [], [], []
+        for b in range(cfg.num_batches_per_epoch):
+            prompts = training_prompts(cfg, self.epoch, b, cfg.sample_batch_size)
+            cond = self._encode(prompts)
+            g_x, g_a, g_b = pair_generators(self._seeds(b, len(prompts)))
+            pair = sample_pairs(self.denoiser, self._x_T(g_x), cond, self.ts, self.alphas, generators_a=g_a,
+                                generators_b=g_b, eta=cfg.eta, prediction_type=self.prediction_type,
+                                final_alpha_cumprod=self.final_alpha, reduction=cfg.log_prob_reduction)  # fmt: skip
+            fn = latent_reward(self.pipe, self.reward_fn, prompts + prompts)
+            dense = dense_rewards(pair.joint.pred_x0, fn, cosine_clamp=cfg.cosine_clamp)
+            self.reward_queries += dense.queries_per_trajectory * 2 * len(prompts)
+            pairs.append(pair)
+            conds.append(cond)
+            prompts_all.append(prompts)
+            exact.append(dense.exact[:, 2])
+            dense_list.append(discounted_returns(dense.rewards, cfg.gamma))
+            if stop():
+                raise _Stopped
+        flat_prompts = [p for ps in prompts_all for p in ps + ps]
+        adv, adv_info = sdpo_advantages(self.tracker, flat_prompts, torch.cat(dense_list), cfg.adv_clip)
+        weights = step_weights(cfg.num_steps, cfg.lam, cfg.eta_s)
+        parts, row = [], 0
+        for pair, cond in zip(pairs, conds):
+            p = pair.num_pairs
+            parts.append(PairSteps.from_pair(pair, adv[row : row + p], adv[row + p : row + 2 * p], weights, cond))
+            row += 2 * p
+        steps_all = _cat_steps(parts)
+        self.pipe.unet.train()
+        losses, norms, clipfracs, kls, n_mb = [], [], [], [], 0
+        t0 = time.perf_counter()
+        updates0 = self.global_step
+        for _ in range(cfg.inner_epochs):
+            shuffled = shuffle_steps(steps_all, self.shuffle_gen)
+            for _column, mb in iter_minibatches(shuffled, cfg.train_batch_size):
+                loss, info = sdpo_minibatch_loss(self.denoiser, mb, self.alphas, clip_range=cfg.clip_range,
+                                                 eta=cfg.eta, prediction_type=self.prediction_type,
+                                                 final_alpha_cumprod=self.final_alpha,
+                                                 reduction=cfg.log_prob_reduction)  # fmt: skip
+                self._check_finite(loss)
+                (loss / cfg.grad_accum).backward()
+                losses.append(float(loss.detach()))
+                clipfracs.append(info["clipfrac"])
+                kls.append(info["approx_kl"])
+                n_mb += 1
+                if n_mb % cfg.grad_accum == 0:
+                    norms.append(self._optimizer_step())
+                if stop():
+                    raise _Stopped
+        seconds = time.perf_counter() - t0
+        rewards = torch.cat(exact)
+        return {
+            "loss": _mean(losses), "grad_norm": _mean(norms), "clipfrac": _mean(clipfracs), "approx_kl": _mean(kls),
+            "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False)),
+            "updates": self.global_step - updates0, "train_seconds": seconds,
+            "iterations_per_s": (self.global_step - updates0) / max(seconds, 1e-9), **adv_info,
+        }  # fmt: skip
+
+    def _ddpo_epoch(self, stop) -> dict:
+        from .generate import decode
+        from .sampling import sample_loop
+
+        cfg = self.cfg
+        self.pipe.unet.eval()
+        batches = []
+        for b in range(cfg.num_batches_per_epoch):
+            prompts = training_prompts(cfg, self.epoch, b, cfg.sample_batch_size)
+            cond = self._encode(prompts)
+            g_x, g_a, _ = pair_generators(self._seeds(b, len(prompts)))
+            with torch.no_grad():
+                final, traj = sample_loop(self.denoiser, self._x_T(g_x), cond, self.ts, self.alphas, step_kind="ddim",
+                                          eta=cfg.eta, prediction_type=self.prediction_type,
+                                          final_alpha_cumprod=self.final_alpha, generator=g_a, record=True,
+                                          record_pred_x0=False, reduction=cfg.log_prob_reduction)  # fmt: skip
+                rewards, _ = self.reward_fn(decode(self.pipe, final), prompts, [{} for _ in prompts])
+            self.reward_queries += len(prompts)
+            batches.append((prompts, cond, traj, torch.as_tensor(rewards, dtype=torch.float32)))
+            if stop():
+                raise _Stopped
+        prompts = [p for ps, *_ in batches for p in ps]
+        rewards = torch.cat([r for *_, r in batches])
+        adv, adv_info = ddpo_advantages(self.tracker, prompts, rewards, cfg.adv_clip)
+        cond = torch.cat([c for _, c, _, _ in batches])
+        latents = torch.cat([t.latents for _, _, t, _ in batches])
+        old = torch.cat([t.log_probs for _, _, t, _ in batches])
+        ts = torch.tensor(batches[0][2].timesteps, device=self.device)
+        tn = torch.tensor(batches[0][2].next_timesteps, device=self.device)
+        n, k = old.shape
+        self.pipe.unet.train()
+        losses, clipfracs, norms = [], [], []
+        t0 = time.perf_counter()
+        updates0 = self.global_step
+        for _ in range(cfg.inner_epochs):
+            perm = torch.randperm(n, generator=self.shuffle_gen)
+            step_perm = torch.stack([torch.randperm(k, generator=self.shuffle_gen) for _ in range(n)])
+            n_terms = k * math.ceil(n / cfg.train_batch_size)
+            for j in range(k):
+                for start in range(0, n, cfg.train_batch_size):
+                    rows = perm[start : start + cfg.train_batch_size]
+                    i = step_perm[rows, j]
+                    lp = transition_log_probs(self.denoiser, latents[rows, i], latents[rows, i + 1], ts[i], tn[i],
+                                              cond[rows], self.alphas, eta=cfg.eta,
+                                              prediction_type=self.prediction_type,
+                                              final_alpha_cumprod=self.final_alpha,
+                                              reduction=cfg.log_prob_reduction)  # fmt: skip
+                    ratio = torch.exp(lp - old[rows, i].to(lp.device))
+                    loss = ppo_clip_loss(adv[rows].to(lp.device), ratio, cfg.clip_range)
+                    self._check_finite(loss)
+                    (loss / n_terms).backward()
+                    losses.append(float(loss.detach()))
+                    clipfracs.append(ratio_clip_fraction(ratio.detach(), cfg.clip_range))
+                    if stop():
+                        raise _Stopped
+            norms.append(self._optimizer_step())
+        seconds = time.perf_counter() - t0
+        return {
+            "loss": _mean(losses), "grad_norm": _mean(norms), "clipfrac": _mean(clipfracs),
+            "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False)),
+            "updates": self.global_step - updates0, "train_seconds": seconds,
+            "iterations_per_s": (self.global_step - updates0) / max(seconds, 1e-9), **adv_info,
+        }  # fmt: skip
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss).all():
+            raise TrainingFailed(f"the loss became {float(loss.detach())} at epoch {self.epoch + 1} "
+                                 f"(optimiser step {self.global_step}); try a lower learning rate")  # fmt: skip
+
+    def _optimizer_step(self) -> float:
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        if not torch.isfinite(norm):
+            raise TrainingFailed(f"the gradient norm became {float(norm)} at epoch {self.epoch + 1}; "
+                                 "try a lower learning rate")  # fmt: skip
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+        return float(norm)
+
+    # -- evaluation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Mean reward (and probe accuracy) per K_eval, deterministic sampler, fixed prompts and seeds."""
+        from .denoisers import CFGDenoiser
+        from .generate import decode, encode, sampler_setup
+        from .imageio import save_png
+        from .sampling import sample_loop
+        from .shapes.world import eval_prompts
+
+        cfg = self.cfg
+        self.pipe.unet.eval()
+        prompts = eval_prompts(self.config.num_eval_prompts)
+        guided = cfg.eval_guidance > 1.0
+        cond, uncond = encode(self.pipe, prompts, [""] * len(prompts) if guided else None, guided)
+        denoiser = CFGDenoiser(self.denoiser, uncond, cfg.eval_guidance)
+        out = {}
+        for k in cfg.eval_steps:
+            ts, kind, kwargs = sampler_setup(self.pipe, cfg.eval_sampler, k)
+            gens = [torch.Generator().manual_seed(cfg.eval_seed + i) for i in range(len(prompts))]
+            final, _ = sample_loop(denoiser, self._x_T(gens), cond, ts, self.alphas, step_kind=kind, eta=cfg.eval_eta,
+                                   prediction_type=self.prediction_type, final_alpha_cumprod=self.final_alpha,
+                                   generator=gens, record=False, step_kwargs=kwargs)  # fmt: skip
+            images = decode(self.pipe, final)
+            rewards, _ = self.reward_fn(images, prompts, [{} for _ in prompts])
+            out[f"eval_reward_k{k}"] = float(torch.as_tensor(rewards).mean())
+            if self.accuracy_fn is not None:
+                out[f"eval_accuracy_k{k}"] = float(self.accuracy_fn(images, prompts, [{}] * len(prompts))[0].mean())
+            samples = self.run_dir / "samples"
+            samples.mkdir(exist_ok=True)
+            save_png(images[:8], samples / f"epoch-{self.epoch:05d}_k{k}.png", scale=2)
+        self.pipe.unet.train()
+        return out
+
+
+def _mean(xs) -> float:
+    return float(np.mean(xs)) if len(xs) else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------------
+def _prepare(run_dir: Path, config: TrainConfig | None, resume: bool) -> tuple[TrainConfig, dict, Path | None]:
+    """Validate everything before writing anything. Returns (config, stored config dict, checkpoint)."""
+    from .models import resolve_model_path
+
+    if not resume:
+        if config is None:
+            raise UserError("a new run needs a config")
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise UserError(f"run folder {str(run_dir)!r} already exists and is not empty; "
+                            "use --resume to continue it or choose another name")  # fmt: skip
+        folder = resolve_model_path(config.algo.model)
+        record = {"version": CONFIG_VERSION, "config": config.to_dict(), "model_folder": str(folder),
+                  "model_fingerprint": model_fingerprint(folder)}  # fmt: skip
+        return config, record, None
+    if not (run_dir / "config.json").is_file():
+        raise UserError(f"cannot resume {str(run_dir)!r}: no config.json (not a run folder, or corrupt)")
+    record = runs.read_json(run_dir / "config.json")
+    try:
+        stored = TrainConfig.from_dict(record["config"])
+        fingerprint = record["model_fingerprint"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"cannot resume {str(run_dir)!r}: config.json is corrupt ({e})") from e
+    if config is not None and config.to_dict() != stored.to_dict():
+        a, b = config.to_dict(), stored.to_dict()
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        diff += sorted(f"algo.{k}" for k in set(a["algo"]) | set(b["algo"]) if a["algo"].get(k) != b["algo"].get(k))
+        raise UserError(f"cannot resume {str(run_dir)!r} with a different config ({', '.join(diff)})")
+    folder = resolve_model_path(stored.algo.model)
+    if model_fingerprint(folder) != fingerprint:
+        raise UserError(f"cannot resume {str(run_dir)!r}: the model {stored.algo.model!r} has changed since the "
+                        "run started")  # fmt: skip
+    ckpts = runs.list_checkpoints(run_dir)
+    if not ckpts:
+        raise UserError(f"cannot resume {str(run_dir)!r}: no complete checkpoint")
+    return stored, record, ckpts[-1][1]
+
+
+def train(run_dir: str | Path, config: TrainConfig | None = None, *, resume: bool = False, stop_event=None,
+          on_metrics=None) -> dict:  # fmt: skip
+    """Run (or resume) training into ``run_dir``. Returns the final status dict.
+
+    ``stop_event`` (a ``threading.Event``) or a ``STOP`` file in the run folder stops within one
+    minibatch: a checkpoint is written and the status becomes "stopped". ``on_metrics(record)`` is
+    called with every metrics line. Bad input raises ``UserError`` before anything is written.
+    """
+    from .models import load_model
+    from .rewards import make_reward
+
+    run_dir = Path(run_dir)
+    config, record, ckpt = _prepare(run_dir, config, resume)
+    cfg = config.algo
+    reward_fn = make_reward(cfg.reward, config.device, config.reward_weights)
+    accuracy_fn = None
+    if cfg.reward.startswith("shapes-"):
+        accuracy_fn = make_reward("shapes-accuracy", config.device, config.reward_weights)
+    pipe = load_model(cfg.model, config.device, cfg.precision)
+    if config.device.startswith("cuda") and cfg.tf32 == "on":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    trainer = Trainer(run_dir, config, pipe, reward_fn, accuracy_fn)
+    if ckpt is not None:
+        trainer.load_checkpoint(ckpt)  # UserError on corruption; nothing written yet
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        runs.write_json(run_dir / "config.json", record)
+    (run_dir / "samples").mkdir(exist_ok=True)
+    stop = _Stopper(run_dir, stop_event)
+
+    def emit(rec: dict) -> None:
+        rec = {"time": time.time(), **rec}
+        runs.append_metrics(run_dir, rec)
+        if on_metrics is not None:
+            on_metrics(rec)
+
+    runs.write_status(run_dir, "running", pid=os.getpid(), epoch=trainer.epoch)
+    if resume:
+        emit({"event": "resumed", "epoch": trainer.epoch, "global_step": trainer.global_step})
+    try:
+        tracker_snapshot, epoch_start_step = None, trainer.global_step
+        if trainer.epoch == 0 and not resume:
+            emit({"event": "eval", "epoch": 0, **trainer.evaluate()})
+        epoch_fn = trainer._sdpo_epoch if config.method == "sdpo" else trainer._ddpo_epoch
+        while trainer.epoch < cfg.num_epochs:
+            if stop():
+                raise _Stopped
+            if pipe.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(pipe.device)
+            t0 = time.perf_counter()
+            tracker_snapshot = copy.deepcopy(trainer.tracker.state_dict())
+            epoch_start_step, trainer.in_epoch = trainer.global_step, True
+            stats = epoch_fn(stop)
+            trainer.epoch += 1
+            trainer.in_epoch = False
+            emit({"event": "epoch", "epoch": trainer.epoch, "global_step": trainer.global_step,
+                  "reward_queries": trainer.reward_queries, "seconds": time.perf_counter() - t0,
+                  "peak_memory_mb": peak_memory_mb(pipe.device), **stats})  # fmt: skip
+            last = trainer.epoch == cfg.num_epochs
+            if trainer.epoch % config.eval_every == 0 or last:
+                emit({"event": "eval", "epoch": trainer.epoch, **trainer.evaluate()})
+            if trainer.epoch % config.checkpoint_every == 0 or last:
+                trainer.save_checkpoint()
+    except _Stopped:
+        trainer.optimizer.zero_grad(set_to_none=True)
+        if trainer.in_epoch:
+            if trainer.global_step > epoch_start_step:  # keep the updates taken; the epoch counts as done (truncated)
+                trainer.epoch += 1
+            else:  # nothing trained yet: undo the sampling's tracker updates, the epoch reruns on resume
+                trainer.tracker.load_state_dict(tracker_snapshot)
+        if not any(n == trainer.global_step for n, _ in runs.list_checkpoints(run_dir)):
+            trainer.save_checkpoint()
+        emit({"event": "stopped", "epoch": trainer.epoch, "global_step": trainer.global_step})
+        (run_dir / "STOP").unlink(missing_ok=True)
+        runs.write_status(run_dir, "stopped", epoch=trainer.epoch)
+        return runs.read_status(run_dir)
+    except TrainingFailed as e:
+        emit({"event": "failed", "epoch": trainer.epoch, "error": str(e)})
+        runs.write_status(run_dir, "failed", error=str(e), epoch=trainer.epoch)
+        return runs.read_status(run_dir)
+    except BaseException as e:
+        runs.write_status(run_dir, "failed", error=f"{type(e).__name__}: {e}", epoch=trainer.epoch)
+        raise
+    runs.write_status(run_dir, "finished", epoch=trainer.epoch)
+    return runs.read_status(run_dir)
+
+
+__all__ = ["METHODS", "TrainConfig", "Trainer", "TrainingFailed", "model_fingerprint", "train"]

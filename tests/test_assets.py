@@ -1,0 +1,61 @@
+"""The shipped Shapes assets: standard diffusers layout, safetensors only, and they do what docs/SHAPES.md says."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from finetuners.generate import SampleRequest, generate
+from finetuners.shapes.probe import prompt_accuracy
+from finetuners.shapes.world import eval_prompts, make_dataset
+
+from .conftest import ASSET_PIPELINE, ASSET_PROBE
+
+
+def test_pipeline_folder_is_standard_and_safetensors_only():
+    index = json.loads((ASSET_PIPELINE / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert (ASSET_PIPELINE / part).is_dir(), part
+    files = [p for p in ASSET_PIPELINE.rglob("*") if p.is_file()] + list(ASSET_PROBE.rglob("*"))
+    assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
+    assert sum(p.stat().st_size for p in files) < 20 * 2**20  # a few MB
+
+
+def test_loads_with_plain_diffusers_from_pretrained():
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(ASSET_PIPELINE), use_safetensors=True)
+    assert pipe.unet.config.sample_size == 8 and pipe.vae.config.latent_channels == 4
+    out = pipe("a red circle", num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(0))
+    assert out.images.shape == (1, 3, 32, 32)
+
+
+def test_probe_reads_fresh_shapes_images(shapes_probe):
+    data = make_dataset(500, seed=424242)  # seeds never used in training (0) or its held-out set (10000)
+    x = torch.from_numpy(np.stack([s.image for s in data])).permute(0, 3, 1, 2).float() / 255
+    acc = prompt_accuracy(shapes_probe, x, [s.caption for s in data]).mean().item()
+    assert acc >= 0.97
+
+
+def test_model_follows_prompts_with_enough_steps(shapes_pipe, shapes_probe):
+    """A small sample of the 20-step accuracy in docs/BENCHMARKS.md (seeded, so it replays exactly)."""
+    prompts = eval_prompts(48, seed=999)
+    images = torch.cat(
+        [
+            generate(shapes_pipe, SampleRequest(p, steps=20, guidance=3.0, seed=i, record_pred_x0=False)).images
+            for i, p in enumerate(prompts)
+        ]  # fmt: skip
+    )
+    acc20 = prompt_accuracy(shapes_probe, images, prompts).mean().item()
+    images1 = torch.cat(
+        [
+            generate(shapes_pipe, SampleRequest(p, steps=1, guidance=3.0, seed=i, record_pred_x0=False)).images
+            for i, p in enumerate(prompts)
+        ]  # fmt: skip
+    )
+    acc1 = prompt_accuracy(shapes_probe, images1, prompts).mean().item()
+    assert acc20 >= 0.6, acc20
+    assert acc1 < acc20  # one step is clearly worse: the room the fine-tuning methods use
