@@ -7,7 +7,6 @@ a bad input becomes a message in the tab and a warning toast, and the outputs st
 from __future__ import annotations
 
 import logging
-import random
 from dataclasses import dataclass
 
 import gradio as gr
@@ -16,6 +15,7 @@ from finetuners.errors import UserError
 from finetuners.generate import LIMITS, SAMPLERS, SampleRequest
 
 from .backend import Backend
+from .common import attempt, error_markdown, random_seed
 from .images import to_display
 
 log = logging.getLogger(__name__)
@@ -124,31 +124,16 @@ def defaults_for(backend: Backend, model) -> tuple[int, str, float]:
 # -- Gradio adapters -------------------------------------------------------------------------------------------
 
 
-def error_markdown(message: str, title: str = "Cannot generate") -> str:
-    escaped = "".join("\\" + c if c in "\\`*_[]<>#|" else c for c in message)
-    return f"⚠️ **{title}:** {escaped}"
-
-
-def _unexpected(e: Exception) -> str:
-    log.exception("unexpected error in the Sample tab")
-    first = (str(e).strip().splitlines() or [""])[0][:200]
-    if type(e).__name__ == "OutOfMemoryError":
-        return "the device ran out of memory: lower the batch or the number of steps"
-    return f"generation failed ({type(e).__name__}: {first}); details are in the server log"
-
-
 def on_generate(
     backend: Backend, model, prompt, negative_prompt, steps, sampler, eta, guidance, seed, batch, progress=None
 ) -> tuple:
     """Updates for (gallery, strip, info, error, strips state). On failure only the error message changes,
     and a warning toast repeats it."""
-    try:
-        view = run_sample(backend, model, prompt, negative_prompt, steps, sampler, eta, guidance, seed, batch, progress)
-    except UserError as e:
-        message = str(e)
-    except Exception as e:  # noqa: BLE001 - the app shows a message, never a traceback
-        message = _unexpected(e)
-    else:
+    view, message = attempt(
+        "generation", run_sample, backend, model, prompt, negative_prompt, steps, sampler, eta, guidance, seed, batch,
+        progress,
+    )  # fmt: skip
+    if message is None:
         label, frames = view.strips[0] if view.strips else (strip_label(0), [])
         images = gr.update(value=view.images, columns=2 if len(view.images) <= 4 else 4)
         return images, gr.update(value=frames, label=label), view.info, "", view.strips
@@ -173,16 +158,11 @@ def on_select_image(strips: list, evt: gr.SelectData):
 
 def on_model_change(backend: Backend, model, progress=None):
     """Load the chosen model and set steps / sampler / guidance to what it expects."""
-    try:
-        if progress is not None:
-            progress(0, desc="loading model")
-        steps, sampler, guidance = defaults_for(backend, model)
-    except UserError as e:
-        message = str(e)
-    except Exception as e:  # noqa: BLE001 - the app shows a message, never a traceback
-        message = _unexpected(e)
-    else:
-        return steps, sampler, guidance, ""
+    if progress is not None:
+        progress(0, desc="loading model")
+    found, message = attempt("loading the model", defaults_for, backend, model)
+    if message is None:
+        return *found, ""
     gr.Warning(message)
     return gr.skip(), gr.skip(), gr.skip(), error_markdown(message, "Cannot load the model")
 
@@ -301,7 +281,7 @@ def build_sample_tab(backend: Backend) -> gr.Tab:
         generate.click(generate_fn, inputs, outputs, api_name="sample", **events)
         prompt.submit(generate_fn, inputs, outputs, api_visibility="private", **events)
         gallery.select(on_select_image, [strips_state], [strip], queue=False)
-        dice.click(lambda: random.randrange(LIMITS["seed"][1] + 1), None, [seed], queue=False)
+        dice.click(random_seed, None, [seed], queue=False)
 
         def model_fn(model, progress=gr.Progress()):
             return on_model_change(backend, model, progress)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 from dataclasses import dataclass, replace
 
 import gradio as gr
@@ -22,8 +21,9 @@ from finetuners.generate import LIMITS, MAX_PROMPT_CHARS, SampleRequest, generat
 from finetuners.superdiff import MIN_SD_STEPS, SuperDiffConfig, superpose_models, superpose_prompts
 
 from .backend import Backend
+from .common import attempt, error_markdown, random_seed
 from .images import to_display
-from .sample_tab import GalleryItem, error_markdown
+from .sample_tab import GalleryItem
 
 log = logging.getLogger(__name__)
 
@@ -450,14 +450,6 @@ def log_q_figure(traces: Traces, axis: str = "step"):
 # -- Gradio adapters -------------------------------------------------------------------------------------------
 
 
-def _unexpected(e: Exception) -> str:
-    log.exception("unexpected error in the Superpose tab")
-    first = (str(e).strip().splitlines() or [""])[0][:200]
-    if type(e).__name__ == "OutOfMemoryError":
-        return "the device ran out of memory: lower the batch or the number of steps"
-    return f"superposition failed ({type(e).__name__}: {first}); details are in the server log"
-
-
 def on_superpose(
     backend: Backend,
     source,
@@ -478,29 +470,9 @@ def on_superpose(
 ) -> tuple:
     """Updates for (images, averaged, baseline, info, κ plot, ℓ plot, error, traces state). On failure only the
     error message changes, and a warning toast repeats it."""
-    try:
-        view = run_superpose(
-            backend,
-            source,
-            model_a,
-            model_b,
-            prompt_a,
-            prompt_b,
-            joint_prompt,
-            mode,
-            temperature,
-            bias,
-            steps,
-            guidance,
-            seed,
-            batch,
-            progress,
-        )
-    except UserError as e:
-        message = str(e)
-    except Exception as e:  # noqa: BLE001 - the app shows a message, never a traceback
-        message = _unexpected(e)
-    else:
+    args = (source, model_a, model_b, prompt_a, prompt_b, joint_prompt, mode, temperature, bias, steps, guidance)
+    view, message = attempt("superposition", run_superpose, backend, *args, seed, batch, progress)
+    if message is None:
         columns = 2 if len(view.images) > 1 else 1
         return (
             gr.update(value=view.images, label=view.images_label, columns=columns),
@@ -691,41 +663,8 @@ def build_superpose_tab(backend: Backend) -> gr.Tab:
         ]
         outputs = [images, averaged, baseline, info, kappa_plot, log_q_plot, error, traces_state]
 
-        def superpose_fn(
-            source,
-            model_a,
-            model_b,
-            prompt_a,
-            prompt_b,
-            joint,
-            mode,
-            temperature,
-            bias,
-            steps,
-            guidance,
-            seed,
-            batch,
-            axis,
-            progress=gr.Progress(),
-        ):
-            return on_superpose(
-                backend,
-                source,
-                model_a,
-                model_b,
-                prompt_a,
-                prompt_b,
-                joint,
-                mode,
-                temperature,
-                bias,
-                steps,
-                guidance,
-                seed,
-                batch,
-                axis,
-                progress,
-            )
+        def superpose_fn(*values, progress=gr.Progress()):  # values: one per widget of `inputs`, in order
+            return on_superpose(backend, *values, progress=progress)
 
         events = dict(concurrency_id="generate", concurrency_limit=settings.concurrency)
         run.click(superpose_fn, inputs, outputs, api_name="superpose", **events)
@@ -733,7 +672,7 @@ def build_superpose_tab(backend: Backend) -> gr.Tab:
             on_source_change, [source, mode], [prompt_a, prompt_b, joint, model_b, mode, baseline], queue=False
         )
         axis.change(on_axis_change, [traces_state, axis], [kappa_plot, log_q_plot], queue=False)
-        dice.click(lambda: random.randrange(LIMITS["seed"][1] + 1), None, [seed], queue=False)
+        dice.click(random_seed, None, [seed], queue=False)
     return tab
 
 

@@ -1,0 +1,47 @@
+"""What every tab's Gradio adapters share: running a handler so that errors become one clear message.
+
+A tab's handler proper is plain Python that raises ``UserError`` for bad input. ``attempt`` runs it and turns
+a ``UserError`` into its message and anything unexpected into a one-line summary (the traceback goes to the
+server log), so no tab ever shows a traceback. ``error_markdown`` formats the message for a Markdown box.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from typing import Any
+
+from finetuners.errors import UserError
+from finetuners.generate import LIMITS
+
+log = logging.getLogger("finetuners.ui")
+
+
+def error_markdown(message: str, title: str = "Cannot generate") -> str:
+    escaped = "".join("\\" + c if c in "\\`*_[]<>#|" else c for c in message)
+    return f"⚠️ **{title}:** {escaped}"
+
+
+def unexpected_message(e: BaseException, action: str = "generation") -> str:
+    """One line for an error nobody planned for; the full traceback is logged."""
+    log.error("unexpected error during %s", action, exc_info=e)
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    if type(e).__name__ == "OutOfMemoryError":
+        return "the device ran out of memory: lower the batch or the number of steps"
+    return f"{action} failed ({type(e).__name__}: {first}); details are in the server log"
+
+
+def attempt(action: str, fn: Callable, *args, **kwargs) -> tuple[Any, str | None]:
+    """``(fn(*args, **kwargs), None)``, or ``(None, message)`` when it raised."""
+    try:
+        return fn(*args, **kwargs), None
+    except UserError as e:
+        return None, str(e)
+    except Exception as e:  # noqa: BLE001 - the app shows a message, never a traceback
+        return None, unexpected_message(e, action)
+
+
+def random_seed() -> int:
+    """A seed for the "Random" buttons, within the samplers' range."""
+    return random.randrange(LIMITS["seed"][1] + 1)
