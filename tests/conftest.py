@@ -15,6 +15,18 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 REPO = Path(__file__).resolve().parent.parent
 ASSET_PIPELINE = REPO / "assets" / "shapes-sd"
 ASSET_PROBE = REPO / "assets" / "shapes-probe"
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def pytest_configure(config):
+    """CI sets FINETUNERS_REQUIRE_BROWSER=1: there a missing browser fails the run instead of skipping tests."""
+    if os.environ.get("FINETUNERS_REQUIRE_BROWSER") == "1":
+        if not CHROMIUM.exists():
+            raise pytest.UsageError(f"FINETUNERS_REQUIRE_BROWSER=1, no {CHROMIUM} (apt-get install chromium)")
+        try:
+            import playwright.sync_api  # noqa: F401
+        except ImportError as e:
+            raise pytest.UsageError(f"FINETUNERS_REQUIRE_BROWSER=1 but playwright cannot be imported: {e}") from e
 
 
 @pytest.fixture(scope="session")
