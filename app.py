@@ -53,6 +53,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="require this login for the whole app (repeat for more users)",
     )
     p.add_argument("--data-dir", default="data", help="where labels, images and runs are kept")
+    p.add_argument("--labels-db", default=None, help="the label database file (default: <data-dir>/labels.db)")
+    p.add_argument(
+        "--labeller-names",
+        default="required",
+        choices=("required", "optional"),
+        help="must every label record a name (optional: unnamed labels are recorded as 'anonymous')",
+    )
     p.add_argument("--max-batch", type=int, default=16, help="most images one click may ask for")
     p.add_argument("--debug", action="store_true", help="show full tracebacks and debug logs")
     return p.parse_args(argv)
@@ -92,6 +99,9 @@ def settings_from_args(args: argparse.Namespace):
     data_dir = Path(args.data_dir).expanduser()
     if data_dir.exists() and not data_dir.is_dir():
         raise UserError(f"--data-dir {str(data_dir)!r} exists and is not a folder")
+    labels_db = Path(args.labels_db).expanduser() if args.labels_db else None
+    if labels_db is not None and (labels_db.is_dir() or not labels_db.parent.is_dir()):
+        raise UserError(f"--labels-db {str(labels_db)!r} must be a file in an existing folder")
     parse_auth(args.auth)
     public = args.share or not _is_loopback(args.host)
     return Settings(
@@ -101,6 +111,8 @@ def settings_from_args(args: argparse.Namespace):
         data_dir=data_dir,
         custom_models=not public,
         max_batch=args.max_batch,
+        labels_db=labels_db,
+        labeller_names=args.labeller_names,
     )
 
 
@@ -108,6 +120,8 @@ def build_app(backend) -> gr.Blocks:
     """Every tab, composed over one shared backend. Tabs to come: Label, Fine-tune, Adaptive steps."""
     import gradio as gr
 
+    from ui.finetune_tab import build_finetune_tab
+    from ui.label_tab import build_label_tab
     from ui.sample_tab import build_sample_tab
     from ui.superpose_tab import build_superpose_tab
 
@@ -115,6 +129,8 @@ def build_app(backend) -> gr.Blocks:
         gr.Markdown("## finetuners · few-step text-to-image workbench")
         with gr.Tabs():
             build_sample_tab(backend)
+            build_label_tab(backend)
+            build_finetune_tab(backend)
             build_superpose_tab(backend)
     demo.queue(max_size=backend.settings.queue_size, default_concurrency_limit=backend.settings.concurrency)
     return demo

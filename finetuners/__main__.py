@@ -9,6 +9,14 @@
 
     python -m finetuners train --method sdpo --reward shapes-probe --model shapes --run runs/first --epochs 10
     python -m finetuners train --run runs/first --resume
+    python -m finetuners train --run runs/first --config launch.json   # every setting from a file (the app's way)
+
+    # data-parallel on N processes (GPUs; on a CPU-only machine gloo): the same trainer, gradients averaged
+    accelerate launch --multi_gpu --num_processes 2 -m finetuners train --run runs/multi --epochs 10
+
+    # AdaDiff: a policy that picks the step count per prompt, then sampling with it
+    python -m finetuners adapt-train --out data/policies/shapes --prompts 600 --candidates 1 2 3 4 6 8
+    python -m finetuners sample --adaptive data/policies/shapes --prompt "a red circle above a blue square"
 
 Bad input prints one line on stderr and exits with status 2; nothing is written.
 """
@@ -51,7 +59,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
         negative_prompt=args.negative_prompt,
         record_pred_x0=args.strip,
     )
-    result = generate(pipe, request)
+    if args.adaptive:  # AdaDiff: the policy picks the step count (--steps is ignored)
+        from .adadiff import generate_adaptive, load_policy
+
+        policy = load_policy(args.adaptive)[0]
+        result = generate_adaptive(pipe, policy, request)
+        probs = ", ".join(f"{u}: {p:.2f}" for u, p in zip(policy.candidates, result.info["adaptive_probs"]))
+        print(f"adaptive steps: {result.info['adaptive_steps']} (π = {probs})", file=sys.stderr)
+    else:
+        result = generate(pipe, request)
     out.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(result.images):
         path = out / f"seed{request.seed + i}.png"
@@ -61,6 +77,53 @@ def cmd_sample(args: argparse.Namespace) -> int:
         for i, strip in enumerate(result.pred_x0_images):
             save_png(strip, out / f"seed{request.seed + i}_pred_x0.png")
     print(f"{result.seconds_per_image:.3f} s/image, timesteps {result.timesteps}", file=sys.stderr)
+    return 0
+
+
+def cmd_adapt_train(args: argparse.Namespace) -> int:
+    """AdaDiff (ALGORITHMS.md §3): render every training prompt's ladder once, then REINFORCE on the cached table."""
+    from . import adadiff as ad
+    from .models import load_model
+    from .shapes.world import eval_prompts
+
+    folder = ad.split_policy_arg(args.out)
+    if folder.exists() and any(folder.iterdir()):
+        raise UserError(f"--out {str(folder)!r} already holds files: choose a new folder")
+    candidates = tuple(args.candidates) if args.candidates else ad.CANDIDATE_SETS[args.candidate_set]
+    config = ad.AdaDiffConfig(candidates=candidates, top_k=args.top_k, quality_weight=args.quality_weight,
+                              penalty=args.penalty, quality=args.quality, num_seeds=args.seeds, sampler=args.sampler,
+                              guidance=args.guidance, loss=args.loss, lr=args.lr, epochs=args.epochs,
+                              seed=args.seed)  # fmt: skip
+    if args.prompt_file:
+        try:
+            lines = Path(args.prompt_file).read_text().splitlines()
+        except OSError as e:
+            raise UserError(f"cannot read --prompt-file {args.prompt_file!r}: {e.strerror}") from e
+        prompts = list(dict.fromkeys(line.strip() for line in lines if line.strip()))
+    else:  # Shapes captions, none of them among the held-out evaluation prompts
+        if not 1 <= args.prompts <= 5000:
+            raise UserError(f"--prompts must be between 1 and 5000, got {args.prompts}")
+        prompts = ad.training_prompts(args.prompts, exclude=eval_prompts(1000))
+    if not prompts:
+        raise UserError("no training prompts: --prompt-file is empty")
+    iqs = ad.make_iqs(config.quality, device=args.device)
+    pipe = load_model(args.model, args.device, args.dtype, allow_download=args.allow_download)
+    last = [0.0]
+
+    def progress(phase, fraction, info):
+        if phase == "ladder" and fraction - last[0] >= 0.1 or fraction >= 1:
+            last[0] = fraction
+            print(f"{phase} {100 * fraction:.0f}%" + (f" ({info['text']})" if "text" in info else
+                  f": expected reward {info['expected_reward']:.3f}, mean steps {info['mean_steps']:.2f}"),
+                  file=sys.stderr)  # fmt: skip
+        if phase == "policy":
+            last[0] = 0.0
+
+    result, ladder, _ = ad.fit(pipe, prompts, config, iqs, progress=progress)
+    meta = {"model": args.model, "prompts": len(prompts), "ladder_seconds": ladder.seconds, "ladder_nfe": ladder.nfe,
+            "final": result.history[-1]}  # fmt: skip
+    ad.save_policy(folder, result.policy, config, meta, ladder)
+    print(folder)
     return 0
 
 
@@ -140,7 +203,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     }.items() if v is not None}  # fmt: skip
     if args.eval_steps is not None:
         overrides["eval_steps"] = tuple(args.eval_steps)
-    if args.resume:
+    if args.config is not None:  # the whole config from a file (how the app's run manager starts a run)
+        if args.resume or overrides or extra or args.preset:
+            raise UserError("--config gives every setting: do not combine it with --resume or other settings")
+        config = _config_file(args.config)
+    elif args.resume:
         config = None
         if overrides or extra or args.preset:  # settings given with --resume must match the stored ones
             stored = TrainConfig.from_dict(read_json(run_dir / "config.json")["config"]) \
@@ -157,6 +224,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     status = train(run_dir, config, resume=args.resume)
     print(f"{run_dir}: {status['state']}" + (f" ({status['error']})" if status.get("error") else ""))
     return 0 if status["state"] in ("finished", "stopped") else 1
+
+
+def _config_file(path: str):
+    """A ``TrainConfig`` from a JSON file holding ``{"config": TrainConfig.to_dict()}`` (as config.json does)."""
+    from .runs import read_json
+    from .trainer import TrainConfig
+
+    record = read_json(path)
+    try:
+        return TrainConfig.from_dict(record["config"])
+    except (KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"--config {path!r} does not hold a training config ({type(e).__name__}: {e})") from e
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,8 +255,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--strip", action="store_true", help="also write the per-step x̂0 strip")
+    p.add_argument("--adaptive", default=None, metavar="FOLDER", help="an AdaDiff policy folder picks the steps")
     p.add_argument("--out", default="out")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("adapt-train", help="train an AdaDiff step-count policy into a folder")
+    _add_model_args(p)
+    p.add_argument("--out", required=True, help="policy folder (created; must be new or empty)")
+    p.add_argument("--prompts", type=int, default=300, help="Shapes training prompts (held-out ones excluded)")
+    p.add_argument("--prompt-file", default=None, help="training prompts, one per line (instead of Shapes ones)")
+    p.add_argument("--candidate-set", choices=("few-step", "shapes", "standard"), default="shapes")
+    p.add_argument("--candidates", type=int, nargs="+", default=None, help="step counts (overrides --candidate-set)")
+    p.add_argument("--quality", default="shapes-accuracy", help="IQS: a reward name (e.g. shapes-probe, preference:…)")
+    p.add_argument("--seeds", type=int, default=2, help="seeds per prompt, shared across step counts")
+    p.add_argument("--sampler", choices=("ddim", "ddim-trailing", "lcm"), default="ddim-trailing")
+    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--top-k", type=int, default=None, help="default: 3, or 2 with fewer than 8 candidates")
+    p.add_argument("--quality-weight", type=float, default=1.0, help="λ, weight of quality inside the top-k")
+    p.add_argument("--penalty", type=float, default=1.0, help="γ, reward −γ outside the top-k")
+    p.add_argument("--loss", choices=("expected", "reinforce_baseline", "reinforce"), default="expected")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--epochs", type=int, default=300)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_adapt_train)
 
     p = sub.add_parser("superpose", help="SuperDiff OR / AND of two prompts or two models; PNGs and κ/ℓ traces")
     _add_model_args(p)
@@ -227,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-rank", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    p.add_argument("--config", default=None, help='a JSON file {"config": {...}} with every setting (as config.json)')
     p.set_defaults(func=cmd_train)
     return parser
 

@@ -402,7 +402,7 @@ def fit_preference(
         elif step - best[1] >= fit.patience:
             break
         if progress is not None and step % 50 == 0:
-            progress(step, {"train_loss": float(loss), "val_loss": val_loss})
+            progress(step, {"train_loss": float(loss.detach()), "val_loss": val_loss})
     model.load_state_dict(best[2])
     model.eval().requires_grad_(False)
     with torch.no_grad():

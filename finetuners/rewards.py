@@ -3,6 +3,12 @@
 Every reward is built by a factory, ``make_reward(name, device=..., weights=...)``, and has the signature
 ``reward_fn(images [B, 3, H, W] float32 in [0, 1], prompts, metadata) -> (rewards float32 [B], info)``.
 Heavy imports live inside the factories. Weights come only from a user-given local path, never a download.
+
+Besides the fixed names, ``preference:<folder>`` is a Bradley–Terry preference model trained on the user's own
+labels (``finetuners.preference``, the Label tab's "Train preference reward"): ``<folder>`` holds its
+``config.json`` and ``model.safetensors``. A bare name (no ``/``) that is not a folder here is looked up in
+``data/rewards/<name>``, where the app with its default ``--data-dir`` saves them. ``weights``, if given, is
+the Shapes probe folder the model was trained on (default: the shipped one).
 """
 
 from __future__ import annotations
@@ -111,6 +117,43 @@ def _needs_weights(name: str, what: str) -> Callable[..., RewardFn]:
     return factory
 
 
+PREFERENCE_PREFIX = "preference:"
+DEFAULT_REWARDS_DIR = Path("data") / "rewards"  # where the app, run with its default --data-dir, saves them
+
+
+def preference_folder(name: str) -> Path:
+    """The folder of the preference model named by ``preference:<folder or name>``; ``UserError`` if it is
+    missing or holds no trained model."""
+    ref = name[len(PREFERENCE_PREFIX) :].strip()
+    if not ref:
+        raise UserError("reward 'preference:' needs a folder or a name, e.g. preference:data/rewards/labels")
+    folder = Path(ref).expanduser()
+    if not folder.is_dir() and len(folder.parts) == 1:
+        folder = DEFAULT_REWARDS_DIR / ref
+    if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
+        raise UserError(f"reward {name!r}: no trained preference model in {str(folder)!r} "
+                        "(train one with \"Train preference reward\" in the Label tab)")  # fmt: skip
+    return folder
+
+
+def _preference(folder: Path) -> Callable[..., RewardFn]:
+    def factory(device=None, weights=None) -> RewardFn:
+        from .preference import preference_reward
+
+        reward = preference_reward(folder, probe=weights)  # UserError for a corrupt folder or another probe
+        if device is not None:
+            reward.model.to(device)
+            reward.features.to(device)
+
+        def fn(images, prompts, metadata):
+            check_images(images)
+            return reward(images, list(prompts), metadata)
+
+        return fn
+
+    return factory
+
+
 REGISTRY: dict[str, RewardSpec] = {
     s.name: s
     for s in [
@@ -133,8 +176,11 @@ REGISTRY: dict[str, RewardSpec] = {
 
 
 def reward_spec(name: str) -> RewardSpec:
+    if isinstance(name, str) and name.startswith(PREFERENCE_PREFIX):
+        folder = preference_folder(name)
+        return RewardSpec(name, _preference(folder), True, False, f"preference model learned from labels ({folder})")
     if name not in REGISTRY:
-        raise UserError(f"unknown reward {name!r}: choose one of {', '.join(REGISTRY)}")
+        raise UserError(f"unknown reward {name!r}: choose one of {', '.join(REGISTRY)}, or preference:<folder>")
     return REGISTRY[name]
 
 

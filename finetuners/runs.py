@@ -7,6 +7,8 @@ checkpoints/step-N/    adapter (or UNet) + state.pt (optimiser, tracker, RNG); w
 samples/               PNG strips from evaluation
 status.json            {"state": running|stopped|finished|failed, "error": ..., ...}, written atomically
 STOP                   created by anyone to ask a running trainer to stop (checkpoint, then "stopped")
+launch.json, train.log written by the run manager (``jobs.py``) when the app starts the run: the config it
+                       asked for, the process id, and the process's stdout/stderr
 """
 
 from __future__ import annotations
@@ -26,14 +28,24 @@ STATES = ("running", "stopped", "finished", "failed")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _CKPT = re.compile(r"^step-(\d+)$")
 CHECKPOINT_STATE = "state.pt"
+LAUNCH_FILES = ("launch.json", "train.log")  # may precede config.json in a new run's folder (``jobs.py``)
+
+
+def is_launch_file(name: str) -> bool:
+    """A file the run manager writes before the trainer starts (or its atomic-write temp file)."""
+    return name in LAUNCH_FILES or any(name.startswith(f".{f}.") for f in LAUNCH_FILES)
 
 
 def validate_run_name(name: str) -> str:
     """Letters, digits, '.', '_' and '-' (no path separators, no '..'); at most 100 characters."""
-    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
+    if not valid_run_name(name):
         raise UserError(f"invalid run name {name!r}: use letters, digits, '.', '_' and '-' only "
                         "(no path separators or '..', at most 100 characters)")  # fmt: skip
     return name
+
+
+def valid_run_name(name: str) -> bool:
+    return isinstance(name, str) and bool(_NAME.match(name)) and ".." not in name
 
 
 def run_path(runs_root: str | Path, name: str) -> Path:
@@ -137,3 +149,88 @@ def write_checkpoint(run_dir: str | Path, step: int, write, keep: int = 3) -> Pa
     for _, old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints as models: "run:NAME/step-N" in the Sample tab's model list
+# ---------------------------------------------------------------------------------------------------
+CHECKPOINT_PREFIX = "run:"
+_REF = re.compile(r"^run:([^/]+)/step-(\d+)$")
+LISTED_STATES = ("finished", "stopped")  # runs whose checkpoints are offered as models
+
+
+def checkpoint_ref(name: str, step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{name}/step-{step}"
+
+
+def is_checkpoint_ref(model_id) -> bool:
+    return isinstance(model_id, str) and model_id.strip().startswith(CHECKPOINT_PREFIX)
+
+
+def checkpoint_refs(runs_root: str | Path, states: tuple[str, ...] = LISTED_STATES) -> list[str]:
+    """``run:NAME/step-N`` for every complete checkpoint of the runs in ``states``; newest run first, and
+    within a run the latest checkpoint first. Unreadable run folders are skipped."""
+    root = Path(runs_root)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        if not (p.is_dir() and valid_run_name(p.name) and (p / "config.json").is_file()):
+            continue
+        try:
+            status = read_status(p)
+        except UserError:
+            continue
+        if status and status.get("state") in states:
+            steps = [n for n, _ in list_checkpoints(p)]
+            found.append((p.stat().st_mtime, p.name, steps))
+    return [checkpoint_ref(name, n) for _, name, steps in sorted(found, reverse=True) for n in reversed(steps)]
+
+
+def resolve_checkpoint(runs_root: str | Path, ref: str) -> tuple[Path, Path]:
+    """``run:NAME/step-N`` → (run folder, checkpoint folder); ``UserError`` for a bad or missing reference."""
+    m = _REF.match(ref.strip())
+    if not m:
+        raise UserError(f"{ref!r} is not a checkpoint reference: expected run:NAME/step-N")
+    run_dir = run_path(runs_root, m.group(1))
+    ckpt = run_dir / "checkpoints" / f"step-{int(m.group(2))}"
+    if not run_dir.is_dir():
+        raise UserError(f"there is no run named {m.group(1)!r}")
+    if not (ckpt / CHECKPOINT_STATE).is_file():
+        raise UserError(f"run {m.group(1)!r} has no complete checkpoint step-{int(m.group(2))} (it may have been "
+                        "replaced by a newer one): pick another from the list")  # fmt: skip
+    return run_dir, ckpt
+
+
+def load_checkpoint_pipeline(runs_root: str | Path, ref: str, device, dtype=None, loader=None):
+    """The run's base pipeline with the checkpoint applied: its LoRA through diffusers' ``load_lora_weights``, or
+    its whole UNet. ``loader(model_id, device, dtype)`` loads the base (default ``models.load_model``).
+    ``UserError`` if the checkpoint is incomplete or the base model changed since the run was trained."""
+    from .models import load_model, resolve_model_path
+    from .trainer import model_fingerprint
+
+    run_dir, ckpt = resolve_checkpoint(runs_root, ref)
+    record = read_json(run_dir / "config.json")
+    try:
+        algo = record["config"]["algo"]
+        base, adapter, fingerprint = algo["model"], algo["adapter"], record["model_fingerprint"]
+    except (KeyError, TypeError) as e:
+        raise UserError(f"run {run_dir.name!r}: config.json is corrupt ({type(e).__name__}: {e})") from e
+    if model_fingerprint(resolve_model_path(base)) != fingerprint:
+        raise UserError(f"run {run_dir.name!r} was trained on {base!r}, which has changed since: its checkpoints "
+                        "no longer fit it")  # fmt: skip
+    pipe = (loader or load_model)(base, device, dtype)
+    try:
+        if adapter == "lora":
+            from .lora import load_lora
+
+            load_lora(pipe, ckpt / "lora", adapter_name="finetuned")
+        else:
+            from diffusers import UNet2DConditionModel
+
+            unet = UNet2DConditionModel.from_pretrained(ckpt / "unet", use_safetensors=True)
+            pipe.register_modules(unet=unet.to(device=pipe.device, dtype=pipe.unet.dtype).eval())
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise UserError(f"checkpoint {ref!r} cannot be loaded: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                        ) from e  # fmt: skip
+    return pipe

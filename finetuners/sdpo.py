@@ -64,13 +64,16 @@ class SDPOConfig:
     eta: float = 1.0  # DDIM η of the training sampler: 1 makes every step a Gaussian policy with σ > 0
     guidance_scale: float = 1.0  # CFG off (≤ 1: one conditional pass); the pair estimator assumes it (§1.2(a))
     prompts: str = "simple_animals"  # prompt set: 45 simple animal names in the paper
-    sample_batch_size: int = 8  # prompts per sampling batch, per process; each prompt gives one pair (a, b)
+    sample_batch_size: int = 8  # pairs per sampling batch, per process; each row gives one pair (a, b)
+    pairs_per_prompt: int = 1  # rows of a sampling batch that share a prompt (each its own x_T). With
+    # min_count ≤ 2·pairs_per_prompt every (prompt, step) key is normalised by its own statistics at once
     num_batches_per_epoch: int = 4  # sampling batches per epoch, per process → 32 pairs per process
     seed: int = 42  # seeds prompts, x_T and step noise (per-pair generators; see ``pair_generators``)
 
     # -- reward -----------------------------------------------------------------------------------
     reward: str = "aesthetic"  # reward registry name (ALGORITHMS.md §6), applied to decoded x̂0
-    reward_variant: str = "standard"  # e.g. "raw" ImageReward as the paper used it; recorded with every run
+    reward_variant: str = "standard"  # e.g. "raw" ImageReward as the paper used it; recorded with every run.
+    # "probability" trains on exp(reward) of a log-prob reward (shapes-probe); evaluation reports the reward itself
     cosine_clamp: str = "none"  # "nonnegative" clamps the latent cosines at 0 (an ours deviation, §1.5)
 
     # -- returns and advantages (§1.2(c)) ----------------------------------------------------------
@@ -119,6 +122,7 @@ class SDPOConfig:
             ("num_batches_per_epoch", 1, 4096), ("seed", 0, 2**63 - 1), ("buffer_size", 1, 10**6),
             ("min_count", 1, 10**6), ("train_batch_size", 1, 4096), ("grad_accum", 1, 4096),
             ("num_epochs", 1, 10**6), ("inner_epochs", 1, 1000), ("eval_seed", 0, 2**63 - 1),
+            ("pairs_per_prompt", 1, 4096),
         ]:  # fmt: skip
             _integer(self, name, lo, hi)
         for name, lo, hi, lo_open in [
@@ -129,6 +133,9 @@ class SDPOConfig:
             ("max_grad_norm", 0.0, math.inf, True), ("eval_eta", 0.0, 1.0, False), ("eval_guidance", 0.0, 30.0, False),
         ]:  # fmt: skip
             _number(self, name, lo, hi, lo_open)
+        if self.sample_batch_size % self.pairs_per_prompt:
+            raise UserError(f"sample_batch_size ({self.sample_batch_size}) must be a multiple of pairs_per_prompt "
+                            f"({self.pairs_per_prompt})")  # fmt: skip
         if self.min_count > self.buffer_size:
             raise UserError(f"min_count ({self.min_count}) cannot exceed buffer_size ({self.buffer_size})")
         betas = tuple(self.adam_betas)
@@ -207,6 +214,19 @@ PRESETS: dict[str, dict] = {
         eval_guidance=1.0,  # SDPO trains the conditional prediction (CFG off); evaluate what was trained
     ),
 }
+
+
+def training_reward(reward_fn, variant: str):
+    """The reward the policy is trained on: ``reward_fn`` itself, or for ``variant="probability"`` exp(reward)
+    of a log-prob reward (the Shapes probe's P(image satisfies prompt), bounded in [0, 1] like accuracy)."""
+    if variant != "probability":
+        return reward_fn
+
+    def fn(images, prompts, metadata):
+        rewards, info = reward_fn(images, prompts, metadata)
+        return torch.as_tensor(rewards, dtype=torch.float32).exp(), info
+
+    return fn
 
 
 def _choice(cfg, name: str, options: tuple[str, ...]) -> None:

@@ -9,6 +9,14 @@ or per prompt FIFO), then updates (SDPO: step-shuffled columns, an optimiser ste
 minibatches; DDPO: PPO over all K steps accumulated into one optimiser step). AdamW, gradient norm clipped.
 Every ``eval_every`` epochs: mean reward (and Shapes probe accuracy) at ``eval_steps`` with the
 deterministic sampler on fixed prompts and seeds. The run folder layout is in ``runs.py``.
+
+Fault injection, for the tests of what the app shows when training fails: with the environment variable
+``FINETUNERS_INJECT_NAN_LOSS=N`` set, every loss after the first N optimiser steps is replaced by NaN, so the
+run fails the way a diverging one does. Unset (the default), nothing changes.
+
+The same code runs in one process and under ``accelerate launch --num_processes N -m finetuners train …``:
+each process samples its own prompts and noise, gradients are averaged before every optimiser step and
+advantages normalised over all processes' samples (``distributed.py``); only the main process writes files.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import numpy as np
 import torch
 
 from . import runs
+from .distributed import Dist
 from .errors import UserError
 from .rl import PerPromptStatTracker, ddpo_advantages, ppo_clip_loss, ratio_clip_fraction, transition_log_probs
 from .sdpo import (
@@ -46,9 +55,11 @@ from .sdpo import (
     step_tracker,
     step_weights,
     train_timesteps,
+    training_reward,
 )
 
 log = logging.getLogger(__name__)
+INJECT_NAN_ENV = "FINETUNERS_INJECT_NAN_LOSS"  # test hook: NaN losses after this many optimiser steps
 METHODS = ("sdpo", "ddpo")
 PROMPT_SETS = ("shapes",)
 CONFIG_VERSION = 1
@@ -116,11 +127,13 @@ def model_fingerprint(folder: str | Path) -> str:
     return h.hexdigest()
 
 
-def training_prompts(cfg: SDPOConfig, epoch: int, batch: int, n: int) -> list[str]:
+def training_prompts(cfg: SDPOConfig, epoch: int, batch: int, n: int, rank: int = 0) -> list[str]:
+    """The prompts of one sampling batch, each repeated ``cfg.pairs_per_prompt`` times in consecutive rows;
+    process ``rank`` > 0 (``accelerate launch``) draws its own."""
     from .shapes.world import caption, random_spec
 
-    rng = np.random.default_rng([cfg.seed, epoch, batch])
-    return [caption(random_spec(rng)) for _ in range(n)]
+    rng = np.random.default_rng([cfg.seed, epoch, batch] + ([rank] if rank else []))
+    return [caption(random_spec(rng)) for _ in range(n // cfg.pairs_per_prompt) for _ in range(cfg.pairs_per_prompt)]
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -137,11 +150,12 @@ def _cat_steps(parts: list[PairSteps]) -> PairSteps:
 
 
 class _Stopper:
-    def __init__(self, run_dir: Path, stop_event):
-        self.file, self.event = run_dir / "STOP", stop_event
+    def __init__(self, run_dir: Path, stop_event, dist: Dist):
+        self.file, self.event, self.dist = run_dir / "STOP", stop_event, dist
 
     def __call__(self) -> bool:
-        return (self.event is not None and self.event.is_set()) or self.file.exists()
+        """Stop now? One answer for all processes (they call it at the same points of the loop)."""
+        return self.dist.any((self.event is not None and self.event.is_set()) or self.file.exists())
 
 
 class _Stopped(Exception):
@@ -152,13 +166,15 @@ class _Stopped(Exception):
 # The trainer
 # ---------------------------------------------------------------------------------------------------
 class Trainer:
-    def __init__(self, run_dir: Path, config: TrainConfig, pipe, reward_fn, accuracy_fn):
+    def __init__(self, run_dir: Path, config: TrainConfig, pipe, reward_fn, accuracy_fn, dist: Dist | None = None):
         from .denoisers import UNetDenoiser
         from .generate import _CastDenoiser, schedule_tensors
         from .lora import add_lora
 
         self.run_dir, self.config, self.cfg, self.pipe = run_dir, config, config.algo, pipe
-        self.reward_fn, self.accuracy_fn = reward_fn, accuracy_fn
+        self.dist = dist or Dist()
+        self.reward_fn, self.accuracy_fn = reward_fn, accuracy_fn  # evaluation reports these
+        self.train_reward_fn = training_reward(reward_fn, self.cfg.reward_variant)
         self.device = pipe.device
         unet = pipe.unet
         pipe.vae.requires_grad_(False)
@@ -185,6 +201,8 @@ class Trainer:
         self.global_step = 0  # optimiser steps taken
         self.reward_queries = 0
         self.in_epoch = False
+        nan_after = os.environ.get(INJECT_NAN_ENV, "").strip()
+        self.inject_nan_after = int(nan_after) if nan_after.isdigit() else None
 
     # -- state ------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
@@ -254,20 +272,21 @@ class Trainer:
 
     def _seeds(self, batch: int, n: int) -> list[int]:
         base = (self.cfg.seed * 1_000_003 + self.epoch * 4096 + batch) * 4096
-        return [(base + i) % (2**40) for i in range(n)]
+        offset = self.dist.rank * 1_000_000_007  # each process its own noise (0 in a single process)
+        return [(base + i + offset) % (2**40) for i in range(n)]
 
     def _sdpo_epoch(self, stop) -> dict:
         cfg = self.cfg
         self.pipe.unet.eval()
         pairs, conds, prompts_all, exact, dense_list = [], [], [], [], []
         for b in range(cfg.num_batches_per_epoch):
-            prompts = training_prompts(cfg, self.epoch, b, cfg.sample_batch_size)
+            prompts = training_prompts(cfg, self.epoch, b, cfg.sample_batch_size, self.dist.rank)
             cond = self._encode(prompts)
             g_x, g_a, g_b = pair_generators(self._seeds(b, len(prompts)))
             pair = sample_pairs(self.denoiser, self._x_T(g_x), cond, self.ts, self.alphas, generators_a=g_a,
                                 generators_b=g_b, eta=cfg.eta, prediction_type=self.prediction_type,
                                 final_alpha_cumprod=self.final_alpha, reduction=cfg.log_prob_reduction)  # fmt: skip
-            fn = latent_reward(self.pipe, self.reward_fn, prompts + prompts)
+            fn = latent_reward(self.pipe, self.train_reward_fn, prompts + prompts)
             dense = dense_rewards(pair.joint.pred_x0, fn, cosine_clamp=cfg.cosine_clamp)
             self.reward_queries += dense.queries_per_trajectory * 2 * len(prompts)
             pairs.append(pair)
@@ -278,7 +297,10 @@ class Trainer:
             if stop():
                 raise _Stopped
         flat_prompts = [p for ps in prompts_all for p in ps + ps]
-        adv, adv_info = sdpo_advantages(self.tracker, flat_prompts, torch.cat(dense_list), cfg.adv_clip)
+        returns = torch.cat(dense_list)
+        adv, adv_info = sdpo_advantages(self.tracker, self.dist.gather_objects(flat_prompts),
+                                        self.dist.gather(returns), cfg.adv_clip)  # fmt: skip
+        adv = adv[self.dist.rows(returns.shape[0])]  # this process's rows
         weights = step_weights(cfg.num_steps, cfg.lam, cfg.eta_s)
         parts, row = [], 0
         for pair, cond in zip(pairs, conds):
@@ -308,7 +330,7 @@ class Trainer:
                 if stop():
                     raise _Stopped
         seconds = time.perf_counter() - t0
-        rewards = torch.cat(exact)
+        rewards = self.dist.gather(torch.cat(exact))
         return {
             "loss": _mean(losses), "grad_norm": _mean(norms), "clipfrac": _mean(clipfracs), "approx_kl": _mean(kls),
             "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False)),
@@ -324,7 +346,7 @@ class Trainer:
         self.pipe.unet.eval()
         batches = []
         for b in range(cfg.num_batches_per_epoch):
-            prompts = training_prompts(cfg, self.epoch, b, cfg.sample_batch_size)
+            prompts = training_prompts(cfg, self.epoch, b, cfg.sample_batch_size, self.dist.rank)
             cond = self._encode(prompts)
             g_x, g_a, _ = pair_generators(self._seeds(b, len(prompts)))
             with torch.no_grad():
@@ -332,14 +354,16 @@ class Trainer:
                                           eta=cfg.eta, prediction_type=self.prediction_type,
                                           final_alpha_cumprod=self.final_alpha, generator=g_a, record=True,
                                           record_pred_x0=False, reduction=cfg.log_prob_reduction)  # fmt: skip
-                rewards, _ = self.reward_fn(decode(self.pipe, final), prompts, [{} for _ in prompts])
+                rewards, _ = self.train_reward_fn(decode(self.pipe, final), prompts, [{} for _ in prompts])
             self.reward_queries += len(prompts)
             batches.append((prompts, cond, traj, torch.as_tensor(rewards, dtype=torch.float32)))
             if stop():
                 raise _Stopped
         prompts = [p for ps, *_ in batches for p in ps]
-        rewards = torch.cat([r for *_, r in batches])
-        adv, adv_info = ddpo_advantages(self.tracker, prompts, rewards, cfg.adv_clip)
+        local_rewards = torch.cat([r for *_, r in batches])
+        rewards = self.dist.gather(local_rewards)
+        adv, adv_info = ddpo_advantages(self.tracker, self.dist.gather_objects(prompts), rewards, cfg.adv_clip)
+        adv = adv[self.dist.rows(local_rewards.shape[0])]  # this process's rows
         cond = torch.cat([c for _, c, _, _ in batches])
         latents = torch.cat([t.latents for _, _, t, _ in batches])
         old = torch.cat([t.log_probs for _, _, t, _ in batches])
@@ -381,11 +405,14 @@ class Trainer:
         }  # fmt: skip
 
     def _check_finite(self, loss: torch.Tensor) -> None:
-        if not torch.isfinite(loss).all():
+        if self.inject_nan_after is not None and self.global_step >= self.inject_nan_after:
+            loss = loss.detach() * float("nan")  # the documented fault-injection hook (module docstring)
+        if self.dist.any(not torch.isfinite(loss).all()):  # every process fails together, none waits forever
             raise TrainingFailed(f"the loss became {float(loss.detach())} at epoch {self.epoch + 1} "
                                  f"(optimiser step {self.global_step}); try a lower learning rate")  # fmt: skip
 
     def _optimizer_step(self) -> float:
+        self.dist.all_reduce_grads(self.params)  # the mean gradient of all processes (no-op in one process)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         if not torch.isfinite(norm):
             raise TrainingFailed(f"the gradient norm became {float(norm)} at epoch {self.epoch + 1}; "
@@ -406,6 +433,8 @@ class Trainer:
         from .shapes.world import eval_prompts
 
         cfg = self.cfg
+        if not self.dist.is_main:  # evaluation and its sample files are the main process's
+            return {}
         self.pipe.unet.eval()
         prompts = eval_prompts(self.config.num_eval_prompts)
         guided = cfg.eval_guidance > 1.0
@@ -444,7 +473,7 @@ def _prepare(run_dir: Path, config: TrainConfig | None, resume: bool) -> tuple[T
     if not resume:
         if config is None:
             raise UserError("a new run needs a config")
-        if run_dir.exists() and any(run_dir.iterdir()):
+        if run_dir.exists() and not all(runs.is_launch_file(p.name) for p in run_dir.iterdir()):
             raise UserError(f"run folder {str(run_dir)!r} already exists and is not empty; "
                             "use --resume to continue it or choose another name")  # fmt: skip
         folder = resolve_model_path(config.algo.model)
@@ -474,6 +503,12 @@ def _prepare(run_dir: Path, config: TrainConfig | None, resume: bool) -> tuple[T
     return stored, record, ckpts[-1][1]
 
 
+def check_resumable(run_dir: str | Path) -> TrainConfig:
+    """The stored config of a run that ``train(run_dir, resume=True)`` can continue; ``UserError`` otherwise
+    (no or corrupt config.json, a model changed since the run started, no complete checkpoint). Reads only."""
+    return _prepare(Path(run_dir), None, True)[0]
+
+
 def train(run_dir: str | Path, config: TrainConfig | None = None, *, resume: bool = False, stop_event=None,
           on_metrics=None) -> dict:  # fmt: skip
     """Run (or resume) training into ``run_dir``. Returns the final status dict.
@@ -487,30 +522,41 @@ def train(run_dir: str | Path, config: TrainConfig | None = None, *, resume: boo
 
     run_dir = Path(run_dir)
     config, record, ckpt = _prepare(run_dir, config, resume)
+    dist = Dist.from_environment(config.device)  # accelerate launch: one of several processes
+    dist.barrier()  # every process has validated the folder before the main one writes to it
+    device = dist.device(config.device)
     cfg = config.algo
-    reward_fn = make_reward(cfg.reward, config.device, config.reward_weights)
+    reward_fn = make_reward(cfg.reward, device, config.reward_weights)
     accuracy_fn = None
     if cfg.reward.startswith("shapes-"):
-        accuracy_fn = make_reward("shapes-accuracy", config.device, config.reward_weights)
-    pipe = load_model(cfg.model, config.device, cfg.precision)
-    if config.device.startswith("cuda") and cfg.tf32 == "on":
+        accuracy_fn = make_reward("shapes-accuracy", device, config.reward_weights)
+    pipe = load_model(cfg.model, device, cfg.precision)
+    if device.startswith("cuda") and cfg.tf32 == "on":
         torch.backends.cuda.matmul.allow_tf32 = True
-    trainer = Trainer(run_dir, config, pipe, reward_fn, accuracy_fn)
+    trainer = Trainer(run_dir, config, pipe, reward_fn, accuracy_fn, dist)
+    main = dist.is_main
     if ckpt is not None:
         trainer.load_checkpoint(ckpt)  # UserError on corruption; nothing written yet
-    else:
+    elif main:
         run_dir.mkdir(parents=True, exist_ok=True)
         runs.write_json(run_dir / "config.json", record)
-    (run_dir / "samples").mkdir(exist_ok=True)
-    stop = _Stopper(run_dir, stop_event)
+    if main:
+        (run_dir / "samples").mkdir(exist_ok=True)
+    stop = _Stopper(run_dir, stop_event, dist)
 
     def emit(rec: dict) -> None:
+        if not main:  # one metrics file, written by the main process
+            return
         rec = {"time": time.time(), **rec}
         runs.append_metrics(run_dir, rec)
         if on_metrics is not None:
             on_metrics(rec)
 
-    runs.write_status(run_dir, "running", pid=os.getpid(), epoch=trainer.epoch)
+    def set_status(state: str, **extra) -> None:
+        if main:
+            runs.write_status(run_dir, state, **extra)
+
+    set_status("running", pid=os.getpid(), epoch=trainer.epoch, processes=dist.world)
     if resume:
         emit({"event": "resumed", "epoch": trainer.epoch, "global_step": trainer.global_step})
     try:
@@ -535,7 +581,7 @@ def train(run_dir: str | Path, config: TrainConfig | None = None, *, resume: boo
             last = trainer.epoch == cfg.num_epochs
             if trainer.epoch % config.eval_every == 0 or last:
                 emit({"event": "eval", "epoch": trainer.epoch, **trainer.evaluate()})
-            if trainer.epoch % config.checkpoint_every == 0 or last:
+            if (trainer.epoch % config.checkpoint_every == 0 or last) and main:
                 trainer.save_checkpoint()
     except _Stopped:
         trainer.optimizer.zero_grad(set_to_none=True)
@@ -544,21 +590,28 @@ def train(run_dir: str | Path, config: TrainConfig | None = None, *, resume: boo
                 trainer.epoch += 1
             else:  # nothing trained yet: undo the sampling's tracker updates, the epoch reruns on resume
                 trainer.tracker.load_state_dict(tracker_snapshot)
-        if not any(n == trainer.global_step for n, _ in runs.list_checkpoints(run_dir)):
+        if main and not any(n == trainer.global_step for n, _ in runs.list_checkpoints(run_dir)):
             trainer.save_checkpoint()
         emit({"event": "stopped", "epoch": trainer.epoch, "global_step": trainer.global_step})
-        (run_dir / "STOP").unlink(missing_ok=True)
-        runs.write_status(run_dir, "stopped", epoch=trainer.epoch)
-        return runs.read_status(run_dir)
+        dist.barrier()  # every process has seen the STOP file before it goes
+        if main:
+            (run_dir / "STOP").unlink(missing_ok=True)
+        set_status("stopped", epoch=trainer.epoch)
+        return _final(run_dir, dist, "stopped")
     except TrainingFailed as e:
         emit({"event": "failed", "epoch": trainer.epoch, "error": str(e)})
-        runs.write_status(run_dir, "failed", error=str(e), epoch=trainer.epoch)
-        return runs.read_status(run_dir)
+        set_status("failed", error=str(e), epoch=trainer.epoch)
+        return _final(run_dir, dist, "failed", str(e))
     except BaseException as e:
-        runs.write_status(run_dir, "failed", error=f"{type(e).__name__}: {e}", epoch=trainer.epoch)
+        set_status("failed", error=f"{type(e).__name__}: {e}", epoch=trainer.epoch)
         raise
-    runs.write_status(run_dir, "finished", epoch=trainer.epoch)
-    return runs.read_status(run_dir)
+    set_status("finished", epoch=trainer.epoch)
+    return _final(run_dir, dist, "finished")
 
 
-__all__ = ["METHODS", "TrainConfig", "Trainer", "TrainingFailed", "model_fingerprint", "train"]
+def _final(run_dir: Path, dist: Dist, state: str, error: str | None = None) -> dict:
+    """The status dict ``train`` returns: status.json's on the main process, the same words on the others."""
+    return runs.read_status(run_dir) if dist.is_main else {"state": state, "error": error}
+
+
+__all__ = ["METHODS", "TrainConfig", "Trainer", "TrainingFailed", "check_resumable", "model_fingerprint", "train"]

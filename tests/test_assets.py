@@ -6,12 +6,11 @@ import json
 
 import numpy as np
 import torch
+from conftest import ASSET_PIPELINE, ASSET_PROBE
 
 from finetuners.generate import SampleRequest, generate
 from finetuners.shapes.probe import prompt_accuracy
 from finetuners.shapes.world import eval_prompts, make_dataset
-
-from conftest import ASSET_PIPELINE, ASSET_PROBE
 
 
 def test_pipeline_folder_is_standard_and_safetensors_only():

@@ -45,12 +45,17 @@ def _wait_until_up(url: str, proc: subprocess.Popen, log: Path, timeout_s: float
 
 
 @pytest.fixture(scope="module")
-def app_url(tiny_pipeline_dir, tmp_path_factory):
+def app_data_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="module")
+def app_url(tiny_pipeline_dir, tmp_path_factory, app_data_dir):
     port = _free_port()
     log = tmp_path_factory.mktemp("app") / "app.log"
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "app.py", "--port", str(port), "--model", str(tiny_pipeline_dir), "--device", "cpu",
-           "--data-dir", str(tmp_path_factory.mktemp("data"))]  # fmt: skip
+           "--data-dir", str(app_data_dir)]  # fmt: skip
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
@@ -142,3 +147,78 @@ def test_superpose_and_shows_images_and_the_kappa_plot(page):
     assert page.locator("#superpose-error").inner_text().strip() == ""
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "superpose-tab.png"), full_page=True)
+
+
+# -- Fine-tune tab -------------------------------------------------------------------------------------------------
+def _fill(page, elem_id: str, value: str) -> None:
+    box = page.locator(f"#{elem_id} input").first
+    box.fill(value)
+    box.press("Tab")
+
+
+def _reward_points(page) -> int:
+    """Points of the first line (1-step reward) in the live reward plot; 0 before it is drawn."""
+    return page.locator("#finetune-curve-reward").evaluate(
+        "el => { const p = el.querySelector('.js-plotly-plot'); return p && p.data && p.data.length ? "
+        "p.data[0].x.length : 0; }"
+    )
+
+
+def _start_tiny_run(page, name: str, epochs: int) -> None:
+    """The form, set for a run that takes well under a second per epoch on the CPU."""
+    page.get_by_role("tab", name="Fine-tune").click()
+    reward = page.locator("#finetune-reward-name input")
+    reward.click()
+    reward.fill("jpeg-comp")
+    page.get_by_role("option", name="jpeg-compressibility", exact=True).click()
+    for elem_id, value in [("finetune-batch", "2"), ("finetune-epochs", str(epochs)), ("finetune-k", "2")]:
+        _fill(page, elem_id, value)
+    for k in ("4", "8"):  # evaluate at 1 and 2 steps only
+        box = page.locator("#finetune-eval-steps").get_by_label(k, exact=True)
+        if box.is_checked():
+            box.uncheck()
+    batches = page.locator("#finetune-batches input")
+    if not batches.is_visible():
+        page.get_by_text("More settings").click()
+    _fill(page, "finetune-batches", "1")
+    _fill(page, "finetune-eval-prompts", "2")
+    page.locator("#finetune-name input").fill(name)
+    page.locator("#finetune-start").click()
+
+
+def test_finetune_run_grows_its_curve_and_stops(page):
+    _start_tiny_run(page, "browser-run", epochs=1000)
+    status = page.locator("#finetune-status")
+    status.get_by_text("browser-run: running").wait_for(timeout=120_000)
+    page.wait_for_function("() => document.querySelector('#finetune-curve-reward .js-plotly-plot')", timeout=60_000)
+    first = _reward_points(page)
+    deadline = time.monotonic() + 60
+    while _reward_points(page) <= max(first, 1) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    grown = _reward_points(page)
+    assert grown > max(first, 1), (first, grown)  # new evaluations arrive while the run trains
+    page.locator("#finetune-samples img").first.wait_for()
+    page.locator("#finetune-stop").click()
+    status.get_by_text("browser-run: stopped").wait_for(timeout=30_000)
+    assert page.locator("#finetune-error").inner_text().strip() == ""
+    assert "browser-run" in page.locator("#finetune-runs").inner_text()
+    assert "Traceback" not in page.content()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "finetune-tab.png"), full_page=True)
+
+
+def test_a_killed_training_process_is_reported_and_the_app_stays_up(page, app_url, app_data_dir):
+    import json
+    import signal
+
+    _start_tiny_run(page, "browser-killed", epochs=1000)
+    status_file = app_data_dir / "runs" / "browser-killed" / "status.json"
+    page.locator("#finetune-status").get_by_text("browser-killed: running").wait_for(timeout=120_000)
+    os.kill(json.loads(status_file.read_text())["pid"], signal.SIGKILL)
+    page.locator("#finetune-status").get_by_text("exited unexpectedly").wait_for(timeout=30_000)
+    assert "killed by SIGKILL" in page.locator("#finetune-status").inner_text()
+    assert "Traceback" not in page.content()
+    with urllib.request.urlopen(app_url, timeout=10) as r:  # the app itself is untouched
+        assert r.status == 200
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "finetune-tab-killed.png"), full_page=True)

@@ -32,6 +32,8 @@ class Settings:
     concurrency: int = 1  # generations running at once; one device, so 1 keeps latency fair
     queue_size: int = 32  # clicks waiting in the queue before new ones are refused
     display_px: int = 256  # images smaller than this are upscaled (nearest neighbour) to about this size
+    labels_db: Path | None = None  # the label database (--labels-db); None: <data_dir>/labels.db
+    labeller_names: str = "required"  # "required": every label records a name; "optional": "anonymous" if none
 
 
 @dataclass
@@ -54,11 +56,13 @@ class Backend:
         self._loader = loader
         self._lock = threading.Lock()
         self._cache: OrderedDict[str, _Entry] = OrderedDict()
+        self._label_store = None
+        self._label_lock = threading.Lock()
 
     # -- models --------------------------------------------------------------------------------------------
     def model_choices(self) -> list[str]:
-        """Models offered in the model pickers. Later tabs add fine-tuned checkpoints here."""
-        return [self.settings.model]
+        """Models offered in the model pickers: the start-up model, then the fine-tuned checkpoints."""
+        return [self.settings.model, *self.checkpoint_choices()]
 
     def check_model(self, model_id: str | None) -> str:
         name = (model_id or "").strip()
@@ -109,6 +113,67 @@ class Backend:
                 stack.enter_context(entries[key].run_lock)
             return fn(*(entries[key].pipe for key in keys))
 
+    # -- labels (the Label tab) -----------------------------------------------------------------------------
+    @property
+    def labels_db_path(self) -> Path:
+        return self.settings.labels_db or self.settings.data_dir / "labels.db"
+
+    def label_store(self):
+        """The app's one ``LabelStore``, opened on first use (so a broken database never stops the app).
+
+        A database that cannot be opened is a ``UserError`` on every call, not cached: the user may restore
+        the file and try again without restarting."""
+        from finetuners.labels import LabelStore
+
+        with self._label_lock:
+            if self._label_store is None:
+                path = self.labels_db_path
+                if path == self.settings.data_dir / "labels.db":
+                    try:
+                        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+                    except OSError as e:
+                        raise UserError(f"cannot create the data folder {self.settings.data_dir}: {e.strerror}") from e
+                try:
+                    self._label_store = LabelStore(path, require_names=self.settings.labeller_names == "required")
+                except UserError as e:
+                    raise UserError(f"the label database is unreadable: {e}") from e
+                log.info("label database %s", path)
+            return self._label_store
+
+    def preference_rewards(self) -> list[str]:
+        """Reward names (``preference:<folder>``) of the preference models trained in the Label tab."""
+        root = self.settings.data_dir / "rewards"
+        if not root.is_dir():
+            return []
+        found = [f for f in sorted(root.iterdir()) if not f.name.startswith(".")]
+        return [f"preference:{f.resolve()}" for f in found if (f / "model.safetensors").is_file()]
+
+    # -- fine-tuning runs (the Fine-tune tab) ---------------------------------------------------------------
+    @property
+    def runs_root(self) -> Path:
+        return self.settings.data_dir / "runs"
+
+    def run_manager(self):
+        """The app's one ``RunManager`` over ``<data_dir>/runs`` (training runs in processes of their own)."""
+        from finetuners.jobs import RunManager
+
+        with self._lock:
+            if getattr(self, "_run_manager", None) is None:
+                self._run_manager = RunManager(self.runs_root)
+            return self._run_manager
+
+    def checkpoint_choices(self) -> list[str]:
+        """``run:NAME/step-N`` for the checkpoints of finished or stopped runs, newest first."""
+        from finetuners.runs import checkpoint_refs
+
+        return checkpoint_refs(self.runs_root)
+
+    def _load_checkpoint(self, key: str):
+        from finetuners.runs import load_checkpoint_pipeline
+
+        return load_checkpoint_pipeline(self.runs_root, key, self.settings.device, self.settings.dtype,
+                                        loader=self._loader)  # fmt: skip
+
     # -- cache ---------------------------------------------------------------------------------------------
     def _entry(self, model_id: str | None) -> _Entry:
         key = self.check_model(model_id)
@@ -129,6 +194,10 @@ class Backend:
         return entry
 
     def _load(self, key: str):
+        from finetuners.runs import is_checkpoint_ref
+
+        if is_checkpoint_ref(key):  # a fine-tuned checkpoint: its base model plus the LoRA or UNet
+            return self._load_checkpoint(key)
         if self._loader is not None:
             return self._loader(key, self.settings.device, self.settings.dtype)
         from finetuners.models import load_model

@@ -287,6 +287,8 @@ def build_sample_tab(backend: Backend) -> gr.Tab:
             return on_model_change(backend, model, progress)
 
         model.change(model_fn, [model], [steps, sampler, guidance, error], trigger_mode="always_last", **events)
+        # checkpoints of runs that finished since the page loaded (the Fine-tune tab) join the model list
+        tab.select(lambda: gr.update(choices=backend.model_choices()), None, [model], queue=False)
     return tab
 
 

@@ -1,0 +1,364 @@
+"""The Fine-tune tab without a browser: its handlers, the run manager (training in processes of its own), what the
+tab shows when a training process dies or diverges, and fine-tuned checkpoints offered in the Sample tab.
+
+Runs are tiny (batch 2, K = 2, two evaluation prompts) on the app-test model; each process costs ~5 s to start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetuners.errors import UserError
+from finetuners.jobs import RunManager
+from finetuners.runs import list_checkpoints, read_metrics, read_status
+from ui.backend import Backend, Settings
+from ui.finetune_tab import (
+    CONFIG_FIELDS,
+    CURVES,
+    make_config,
+    on_refresh,
+    on_resume,
+    on_start,
+    on_stop,
+    resume_run,
+    run_view,
+    start_run,
+    stop_run,
+)
+
+TINY = dict(method="SDPO", reward="jpeg-compressibility", learning_rate=3e-4, batch=2, epochs=2, train_steps=2,
+            eval_steps=[1, 2], adapter="LoRA", lora_rank=2, batches_per_epoch=1, eval_prompts=2,
+            eval_every=1)  # fmt: skip
+
+
+def _tree_digest(folder: Path) -> dict:
+    if not folder.exists():
+        return {}
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
+
+
+def _wait_for(predicate, timeout_s: float = 90.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_pipeline_dir, tmp_path_factory):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # the training processes inherit it: 2 cores, tests in parallel
+    b = Backend(Settings(model=str(tiny_pipeline_dir), device="cpu", data_dir=tmp_path_factory.mktemp("data")))
+    yield b
+    b.run_manager().shutdown()
+
+
+@pytest.fixture(scope="module")
+def finished_run(backend):
+    """A finished two-epoch LoRA run (checkpoints after each epoch)."""
+    info = start_run(backend, "finished-lora", **TINY)
+    assert info.state == "starting" and (info.path / "launch.json").is_file()
+    done = backend.run_manager().wait("finished-lora", timeout_s=120)
+    assert done.state == "finished", backend.run_manager().log_tail("finished-lora")
+    return done
+
+
+# -- bad input: a clear message, nothing written -------------------------------------------------------------------
+BAD_START = [
+    (dict(reward="nope"), "unknown reward 'nope'"),
+    (dict(reward="aesthetic"), "needs weights that are not on this machine"),
+    (dict(reward="pickscore", weights="/no/such/folder"), "does not exist"),
+    (dict(reward=""), "no reward chosen"),
+    (dict(learning_rate=0), "learning rate must be above 0 and at most 1, got 0"),
+    (dict(learning_rate=5.0), "learning rate must be above 0 and at most 1, got 5.0"),
+    (dict(learning_rate=-1e-4), "learning rate must be above 0 and at most 1"),
+    (dict(learning_rate=None), "learning rate is empty"),
+    (dict(learning_rate=float("nan")), "learning rate must be a finite number"),
+    (dict(batch=0), "batch must be from 1 to 64, got 0"),
+    (dict(batch=65), "batch must be from 1 to 64, got 65"),
+    (dict(batch=2.5), "batch must be a whole number"),
+    (dict(epochs=0), "epochs must be from 1"),
+    (dict(train_steps=0), "train steps K must be from 1"),
+    (dict(lora_rank=0), "LoRA rank must be from 1"),
+    (dict(eval_steps=[]), "no evaluation step counts chosen"),
+    (dict(method="PPO"), "unknown method 'PPO'"),
+    (dict(adapter="DoRA"), "unknown adapter 'DoRA'"),
+]
+
+
+@pytest.mark.parametrize("change, message", BAD_START, ids=[f"{k}={v!r}"[:30] for c, _ in BAD_START
+                                                            for k, v in c.items() if k != "weights"])  # fmt: skip
+def test_bad_settings_are_refused_and_write_nothing(backend, change, message):
+    root = backend.runs_root
+    before = _tree_digest(root)
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        start_run(backend, "bad-settings", **{**TINY, **change})
+    assert _tree_digest(root) == before and not (root / "bad-settings").exists()
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "..", ".hidden", "x" * 101, "with space"])
+def test_bad_run_names_are_refused(backend, name, tmp_path):
+    root = backend.runs_root
+    before = _tree_digest(root.parent)
+    with pytest.raises(UserError, match="invalid run name"):
+        start_run(backend, name, **TINY)
+    assert _tree_digest(root.parent) == before
+    assert not (root.parent / "escape").exists()
+
+
+def test_the_gradio_handler_shows_the_message_and_selects_nothing(backend):
+    values = [{**TINY, "weights": "", "seed": 42, "learning_rate": 7.0}[k] for k in CONFIG_FIELDS]
+    error, picker, name = on_start(backend, "from-the-ui", *values)
+    assert "Cannot start" in error and "learning rate must be above 0 and at most 1, got 7.0" in error
+    assert "Traceback" not in error and not (backend.runs_root / "from-the-ui").exists()
+    message = on_stop(backend, "no-such-run")
+    assert "there is no run named 'no-such-run'" in message
+    message = on_resume(backend, "")
+    assert "no run chosen" in message
+    status, *_ = on_refresh(backend, None, None)
+    assert "No run selected" in status
+
+
+def test_start_refuses_a_name_that_exists(backend, finished_run):
+    before = _tree_digest(finished_run.path)
+    with pytest.raises(UserError, match="a run named 'finished-lora' already exists"):
+        start_run(backend, "finished-lora", **TINY)
+    assert _tree_digest(finished_run.path) == before
+
+
+def test_resume_refuses_a_corrupt_or_foreign_run(backend, finished_run):
+    import shutil
+
+    root = backend.runs_root
+    with pytest.raises(UserError, match="has finished all its epochs"):
+        resume_run(backend, "finished-lora")
+    for case in ("bad-json", "bad-config", "other-model", "no-checkpoint"):
+        folder = root / case
+        shutil.copytree(finished_run.path, folder)
+        runs_state = json.loads((folder / "status.json").read_text())
+        runs_state["state"] = "stopped"  # a resumable-looking run ...
+        (folder / "status.json").write_text(json.dumps(runs_state))
+        record = json.loads((folder / "config.json").read_text())
+        if case == "bad-json":  # ... whose config.json is not JSON
+            (folder / "config.json").write_text("{not json")
+        elif case == "bad-config":  # ... holds a setting out of range
+            record["config"]["algo"]["learning_rate"] = 50.0
+            (folder / "config.json").write_text(json.dumps(record))
+        elif case == "other-model":  # ... was trained on another model (fingerprint mismatch)
+            record["model_fingerprint"] = "0" * 64
+            (folder / "config.json").write_text(json.dumps(record))
+        else:
+            shutil.rmtree(folder / "checkpoints")
+    expected = {"bad-json": "cannot read", "bad-config": "config.json is corrupt.*learning_rate",
+                "other-model": "has changed since the run started",
+                "no-checkpoint": "no complete checkpoint"}  # fmt: skip
+    for case, message in expected.items():
+        before = _tree_digest(root / case)
+        with pytest.raises(UserError, match=message):
+            resume_run(backend, case)
+        shown = on_resume(backend, case)
+        assert "Cannot resume" in shown and "Traceback" not in shown
+        assert _tree_digest(root / case) == before, case
+    view = run_view(backend, "bad-json")
+    assert "cannot be resumed" in view.status
+
+
+# -- a finished run: folder, live view, checkpoints in the Sample tab ---------------------------------------------
+def test_a_finished_run_shows_curves_samples_and_status(backend, finished_run):
+    assert finished_run.epoch == 2 and finished_run.checkpoints and finished_run.method == "sdpo"
+    log = (finished_run.path / "train.log").read_text()
+    assert "--config" in log and "finished" in log
+    view = run_view(backend, "finished-lora")
+    assert "finished-lora: finished" in view.status and "epoch 2 of 2" in view.status
+    reward = view.figures["reward"]
+    assert [t.name for t in reward.data] == ["1 step", "2 steps"]
+    assert list(reward.data[0].x) == [0, 1, 2] and view.points == 3  # evaluations before and after each epoch
+    evals = [r for r in read_metrics(finished_run.path) if r["event"] == "eval"]
+    assert list(reward.data[1].y) == [r["eval_reward_k2"] for r in evals]
+    for plot in ("loss", "grad_norm", "memory", "speed"):
+        assert list(view.figures[plot].data[0].x) == [1, 2], plot
+    assert [caption for _, caption in view.samples] == ["epoch 2 · 1 step", "epoch 2 · 2 steps"]
+    assert run_view(backend, "finished-lora", view.key) is None  # nothing changed: nothing re-sent
+    status, table, picker, *rest = on_refresh(backend, "finished-lora", None)
+    rows = {r[0]: r for r in table["value"]}
+    assert rows["finished-lora"][1] == "finished" and rows["finished-lora"][4] == "2/2"
+    assert picker["value"] == "finished-lora" and "finished-lora" in picker["choices"]
+    assert status == view.status and len(rest) == len(CURVES) + 2
+    again = on_refresh(backend, "finished-lora", rest[-1])  # the next tick: nothing changed, nothing sent
+    assert all(isinstance(u, dict) and u.get("__type__") == "update" and len(u) == 1 for u in again[:-1]), again
+
+
+def test_checkpoints_are_models_in_the_sample_tab(backend, finished_run, tiny_pipeline_dir):
+    from finetuners.generate import SampleRequest
+
+    choices = backend.model_choices()
+    steps = [n for n, _ in list_checkpoints(finished_run.path)]
+    refs = [f"run:finished-lora/step-{n}" for n in reversed(steps)]
+    assert choices[0] == str(tiny_pipeline_dir) and all(r in choices for r in refs)
+    request = SampleRequest(prompt="a red circle above a blue square", steps=2, seed=7, sampler="ddim")
+    base = backend.generate(str(tiny_pipeline_dir), request).images
+    tuned = backend.generate(refs[0], request).images
+    again = backend.generate(refs[0], request).images
+    assert base.shape == tuned.shape and torch.equal(tuned, again)
+    assert (tuned - base).abs().max() > 1e-4  # the LoRA changes the images at the same seed
+    pipe = backend.pipeline(refs[0])
+    assert "finetuned" in pipe.unet.peft_config  # loaded by diffusers' load_lora_weights
+    locked = Backend(Settings(model=str(tiny_pipeline_dir), device="cpu", data_dir=backend.settings.data_dir,
+                              custom_models=False))  # fmt: skip
+    assert locked.check_model(refs[0]) == refs[0]
+    for bad, message in [("run:../step-1", "invalid run name"), ("run:finished-lora/step-999", "no complete"),
+                         ("run:finished-lora", "not a checkpoint reference")]:  # fmt: skip
+        with pytest.raises(UserError, match=message):
+            backend.pipeline(bad)
+
+
+def test_a_full_unet_checkpoint_loads_in_the_sample_tab(backend, tiny_pipeline_dir):
+    from finetuners.generate import SampleRequest
+
+    start_run(backend, "full-unet", **{**TINY, "adapter": "Full UNet", "epochs": 1, "learning_rate": 1e-3})
+    info = backend.run_manager().wait("full-unet", timeout_s=120)
+    assert info.state == "finished" and info.adapter == "full"
+    ref = f"run:full-unet/step-{info.checkpoints[-1]}"
+    assert (info.path / "checkpoints" / f"step-{info.checkpoints[-1]}" / "unet" / "config.json").is_file()
+    request = SampleRequest(prompt="a green triangle", steps=2, seed=3, sampler="ddim")
+    base = backend.generate(str(tiny_pipeline_dir), request).images
+    tuned = backend.generate(ref, request).images
+    assert (tuned - base).abs().max() > 1e-4
+
+
+# -- processes that die: the app stays up and says why --------------------------------------------------------------
+def test_sigkill_is_reported_and_resume_continues_from_the_last_checkpoint(backend):
+    """The run manager's side of resume-after-SIGKILL (the CLI's is in test_trainer.py): the tab shows the death in
+    words, status.json is corrected, Resume continues from the last checkpoint with the stored config."""
+    manager = backend.run_manager()
+    start_run(backend, "killed", **{**TINY, "epochs": 500, "eval_every": 1000})
+    path = backend.runs_root / "killed"
+    _wait_for(lambda: len(list_checkpoints(path)) >= 2, what="two checkpoints")
+    info = manager.info("killed")
+    assert info.state == "running" and info.pid
+    os.kill(info.pid, signal.SIGKILL)
+    info = _wait_for(lambda: (i := manager.info("killed")).state == "failed" and i, 10, "the death to be seen")
+    assert "the training process exited unexpectedly (code -9: killed by SIGKILL" in info.error
+    assert read_status(path)["state"] == "failed" and read_status(path)["error"] == info.error
+    status, *_ = on_refresh(backend, "killed", None)
+    assert "Training failed" in status and "exited unexpectedly" in status and "Traceback" not in status
+    ckpt_step, ckpt_dir = list_checkpoints(path)[-1]
+    ckpt_epoch = torch.load(ckpt_dir / "state.pt", weights_only=True)["epoch"]
+    done = max(r["epoch"] for r in read_metrics(path) if r.get("event") == "epoch")
+    assert done - ckpt_epoch <= 1  # checkpoint_every = 1: at most one interval lost
+    config_before = (path / "config.json").read_bytes()
+
+    message = on_resume(backend, "killed")
+    assert message == ""
+    assert manager.info("killed").state in ("starting", "running")
+    with pytest.raises(UserError, match="stop it before resuming"):
+        resume_run(backend, "killed")
+    _wait_for(lambda: any(r.get("event") == "epoch" and r["epoch"] > ckpt_epoch + 1 for r in read_metrics(path)),
+              what="two epochs after resuming")  # fmt: skip
+    t0 = time.monotonic()
+    stop_run(backend, "killed")
+    info = manager.wait("killed", timeout_s=30)
+    stop_s = time.monotonic() - t0
+    assert info.state == "stopped" and info.error is None and stop_s < 10, (info, stop_s)
+    assert not (path / "STOP").exists() and (path / "config.json").read_bytes() == config_before
+    lines = read_metrics(path)
+    resumed = [r for r in lines if r.get("event") == "resumed"]
+    assert len(resumed) == 1 and resumed[0]["epoch"] == ckpt_epoch and resumed[0]["global_step"] == ckpt_step
+    after = [r["epoch"] for r in lines[lines.index(resumed[0]) :] if r.get("event") == "epoch"]
+    assert after == list(range(ckpt_epoch + 1, ckpt_epoch + 1 + len(after)))
+    with pytest.raises(UserError, match="is not running"):
+        stop_run(backend, "killed")
+
+
+def test_a_nan_loss_fails_the_run_and_the_tab_says_so(backend, monkeypatch):
+    monkeypatch.setenv("FINETUNERS_INJECT_NAN_LOSS", "2")  # the trainer's documented fault hook: NaN after 2 updates
+    start_run(backend, "diverged", **{**TINY, "epochs": 20})
+    info = backend.run_manager().wait("diverged", timeout_s=120)
+    assert info.state == "failed" and "the loss became nan" in info.error and "lower learning rate" in info.error
+    status, *_ = on_refresh(backend, "diverged", None)
+    assert "diverged: failed" in status and "the loss became nan" in status
+    assert [r for r in read_metrics(info.path) if r.get("event") == "failed"]
+
+
+# -- the manager with stand-in trainers (no torch: fast) -----------------------------------------------------------
+def _fake_python(tmp_path: Path, body: str) -> str:
+    """An executable called as ``python -m finetuners train --run DIR …``: ``$5`` is the run folder."""
+    script = tmp_path / "fake-python"
+    script.write_text("#!/bin/sh\nRUN=$5\n" + body)
+    script.chmod(0o755)
+    return str(script)
+
+
+def _tiny_config(backend):
+    return make_config(backend, **TINY)
+
+
+RUNNING = 'echo "{\\"state\\": \\"running\\", \\"pid\\": $$, \\"time\\": $(date +%s.%N)}" > "$RUN/status.json"\n'
+
+
+def test_a_trainer_that_ignores_stop_is_terminated(backend, tmp_path):
+    manager = RunManager(tmp_path / "runs", python=_fake_python(tmp_path, RUNNING + "exec sleep 600\n"),
+                         stop_timeout_s=0.5)  # fmt: skip
+    manager.start("stubborn", _tiny_config(backend))
+    _wait_for(lambda: manager.info("stubborn").state == "running", 10, "the stand-in to run")
+    assert manager.stop("stubborn").state == "stopping"
+    info = manager.wait("stubborn", timeout_s=15)
+    assert info.state == "stopped" and "did not stop within 0.5 s and was terminated" in info.error
+    assert "Resume continues from the last checkpoint" in info.error
+    assert read_status(tmp_path / "runs" / "stubborn")["state"] == "stopped"
+
+
+@pytest.mark.parametrize("body, message", [
+    ('echo "error: reward \'x\' is not available offline" >&2\nexit 2\n',
+     "exited before training began (code 2); it said: reward 'x' is not available offline"),
+    (RUNNING + "kill -SEGV $$\n", "exited unexpectedly (code -11: killed by SIGSEGV, a crash)"),
+    (RUNNING + "exit 3\n", "exited unexpectedly (code 3)"),
+], ids=["exit-2-before-training", "segfault", "exit-3"])  # fmt: skip
+def test_a_process_that_dies_silently_is_reported(backend, tmp_path, body, message):
+    manager = RunManager(tmp_path / "runs", python=_fake_python(tmp_path, body))
+    manager.start("dies", _tiny_config(backend))
+    info = _wait_for(lambda: (i := manager.info("dies")).state == "failed" and i, 15, "the failure to be seen")
+    assert message in info.error
+    assert [i.name for i in manager.list()] == ["dies"]
+
+
+def test_a_run_started_elsewhere_that_died_is_reported(backend, tmp_path):
+    """A run whose process this app did not start (the CLI, or an app since restarted): its pid is probed."""
+    folder = tmp_path / "runs" / "orphan"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"config": make_config(backend, **TINY).to_dict()}))
+    import subprocess
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    dead = gone.pid
+    (folder / "status.json").write_text(json.dumps({"state": "running", "pid": dead, "time": time.time()}))
+    info = RunManager(tmp_path / "runs").info("orphan")
+    assert info.state == "failed" and "exit code unknown: it was not started by this app" in info.error
+
+
+def test_cli_config_file_gives_every_setting(backend, tmp_path):
+    """The manager starts runs with ``train --config launch.json``; mixing it with other settings is refused."""
+    import subprocess
+    import sys
+
+    from finetuners.jobs import REPO_ROOT
+
+    launch = tmp_path / "launch.json"
+    launch.write_text(json.dumps({"config": make_config(backend, **TINY).to_dict()}))
+    run = tmp_path / "runs" / "mixed"
+    r = subprocess.run([sys.executable, "-m", "finetuners", "train", "--run", str(run), "--config", str(launch),
+                        "--epochs", "3"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 2 and "--config gives every setting" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert not run.exists()

@@ -1,0 +1,421 @@
+"""The Fine-tune tab: SDPO or DDPO on a reward, run in a process of its own, watched live.
+
+The handlers proper (``make_config``, ``start_run``, ``stop_run``, ``resume_run``, ``run_view``) are plain Python
+over the backend's ``RunManager`` and raise ``UserError`` for bad input; the ``on_*`` adapters turn that into a
+message in the tab. A ``gr.Timer`` refreshes the selected run every ``REFRESH_S`` seconds: its status in words,
+the curves from metrics.jsonl, the latest sample grid and the runs list. Training never runs in the app's
+process, so nothing that happens to it can take the app down.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+
+from finetuners.errors import UserError
+from finetuners.jobs import RunInfo
+
+from .backend import Backend
+from .common import attempt, error_markdown
+
+log = logging.getLogger(__name__)
+
+REFRESH_S = 2.0  # live view period
+METHODS = {"SDPO": "sdpo", "DDPO": "ddpo"}
+ADAPTERS = {"LoRA": "lora", "Full UNet": "full"}
+EVAL_STEP_CHOICES = (1, 2, 4, 8, 16)
+# name in messages → (low, high, whole number, low end open); the widgets' ranges
+LIMITS = {
+    "learning rate": (0.0, 1.0, False, True),
+    "batch": (1, 64, True, False),
+    "sampling batches per epoch": (1, 64, True, False),
+    "epochs": (1, 100_000, True, False),
+    "train steps K": (1, 1000, True, False),
+    "LoRA rank": (1, 256, True, False),
+    "evaluation prompts": (1, 256, True, False),
+    "evaluate every": (1, 100_000, True, False),
+    "seed": (0, 2**32 - 1, True, False),
+}
+CONFIG_FIELDS = ("method", "reward", "learning_rate", "batch", "epochs", "train_steps", "eval_steps", "adapter",
+                 "lora_rank", "weights", "batches_per_epoch", "eval_prompts", "eval_every", "seed")  # fmt: skip
+RUN_COLUMNS = ["run", "state", "method", "reward", "epoch", "checkpoints", "error"]
+CURVES = {  # plot id → (title, y-axis label, metrics key of the "epoch" records; None: the eval rewards)
+    "reward": ("Reward at each evaluation step count", "mean reward", None),
+    "loss": ("Loss", "loss", "loss"),
+    "grad_norm": ("Gradient norm (before clipping)", "‖g‖", "grad_norm"),
+    "memory": ("Peak memory", "MB", "peak_memory_mb"),
+    "speed": ("Optimiser steps per second", "it/s", "iterations_per_s"),
+}
+_SAMPLE = re.compile(r"^epoch-(\d+)_k(\d+)\.png$")
+
+
+@dataclass
+class RunView:
+    """What one refresh of the live view shows."""
+
+    key: tuple  # changes whenever anything shown changes (so unchanged refreshes send nothing)
+    status: str  # Markdown: the run's state and any error, in words
+    figures: dict  # plot id → plotly figure
+    samples: list  # [(PIL image, caption)] of the latest evaluation
+    points: int  # evaluation records plotted
+
+
+# -- handlers ----------------------------------------------------------------------------------------------------
+def number(name: str, value) -> float | int:
+    """A widget's value checked against ``LIMITS[name]``; ``UserError`` in words otherwise."""
+    lo, hi, whole, lo_open = LIMITS[name]
+    if value is None or value == "":
+        raise UserError(f"{name} is empty: enter a number")
+    try:
+        x = float(value)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{name} must be a number, got {value!r}") from e
+    if math.isnan(x) or math.isinf(x):
+        raise UserError(f"{name} must be a finite number, got {value!r}")
+    if whole and x != int(x):
+        raise UserError(f"{name} must be a whole number, got {value!r}")
+    if x > hi or x < lo or (lo_open and x == lo):
+        span = f"above {lo:g} and at most {hi:g}" if lo_open else f"from {lo:g} to {hi:g}"
+        raise UserError(f"{name} must be {span}, got {value!r}")
+    return int(x) if whole else x
+
+
+def reward_choices(backend: Backend) -> list[tuple[str, str]]:
+    """(label, reward name) for the dropdown: the registry, then the preference models learned from labels."""
+    from finetuners.rewards import REGISTRY
+
+    choices = [(f"{n} (needs downloaded weights)" if s.needs_weights else n, n) for n, s in REGISTRY.items()]
+    preference = getattr(backend, "preference_rewards", None)  # the Label tab's learned rewards, when present
+    for name in preference() if preference is not None else []:
+        choices.append((f"preference model {Path(name.split(':', 1)[1]).name}", name))
+    return choices
+
+
+def check_reward(reward, weights) -> str:
+    """The reward's name if it can be built here, offline; ``UserError`` saying what is missing otherwise."""
+    from finetuners.rewards import make_reward, reward_spec
+
+    name = (reward or "").strip()
+    if not name:
+        raise UserError("no reward chosen: pick one from the list")
+    spec = reward_spec(name)  # unknown names: a UserError listing the choices
+    if spec.needs_weights and not (weights or "").strip():
+        raise UserError(f"reward {name!r} ({spec.description}) needs weights that are not on this machine: download "
+                        "them yourself and enter their folder under “Reward weights”")  # fmt: skip
+    make_reward(name, "cpu", (weights or "").strip() or None)
+    return name
+
+
+def make_config(backend: Backend, method, reward, learning_rate, batch, epochs, train_steps, eval_steps, adapter,
+                lora_rank, weights="", batches_per_epoch=2, eval_prompts=8, eval_every=1, seed=42):  # fmt: skip
+    """Widget values → a validated ``TrainConfig`` for the app's model (``UserError`` in words otherwise)."""
+    from finetuners.models import resolve_device
+    from finetuners.sdpo import SDPOConfig
+    from finetuners.trainer import TrainConfig
+
+    if method not in METHODS:
+        raise UserError(f"unknown method {method!r}: choose {' or '.join(METHODS)}")
+    if adapter not in ADAPTERS:
+        raise UserError(f"unknown adapter {adapter!r}: choose {' or '.join(ADAPTERS)}")
+    lr = number("learning rate", learning_rate)
+    batch = number("batch", batch)
+    batches = number("sampling batches per epoch", batches_per_epoch)
+    epochs = number("epochs", epochs)
+    k = number("train steps K", train_steps)
+    rank = number("LoRA rank", lora_rank)
+    n_eval = number("evaluation prompts", eval_prompts)
+    every = number("evaluate every", eval_every)
+    seed = number("seed", seed)
+    steps = sorted({int(s) for s in (eval_steps or [])})
+    if not steps:
+        raise UserError("no evaluation step counts chosen: tick at least one")
+    reward = check_reward(reward, weights)
+    settings = backend.settings
+    device = resolve_device(settings.device)
+    precision = {"float16": "fp16", "bfloat16": "bf16"}.get(settings.dtype or "", "fp16")
+    precision = "fp32" if device.type == "cpu" or settings.dtype in ("float32", "fp32") else precision
+    sampler = backend.defaults(settings.model).sampler  # the model's own deterministic sampler for evaluation
+    pairs = batch * batches
+    train_batch = 2 if pairs % 2 == 0 else 1  # minibatches must fill whole accumulation groups (§1.2(e))
+    grad_accum = 2 if (pairs // train_batch) % 2 == 0 else 1
+    spacing = "trailing" if sampler == "ddim-trailing" else "pipeline"  # few-step turbo models need trailing
+    algo = SDPOConfig.preset(
+        "shapes", model=settings.model, precision=precision, reward=reward, learning_rate=lr,
+        sample_batch_size=batch, num_batches_per_epoch=batches, num_epochs=epochs, num_steps=k,
+        adapter=ADAPTERS[adapter], lora_rank=rank, eval_steps=tuple(steps), eval_sampler=sampler, seed=seed,
+        train_batch_size=train_batch, grad_accum=grad_accum, timestep_spacing=spacing,
+    )  # fmt: skip
+    return TrainConfig(method=METHODS[method], algo=algo, reward_weights=(weights or "").strip() or None,
+                       device=str(device), eval_every=every, num_eval_prompts=n_eval)  # fmt: skip
+
+
+def default_run_name(method: str) -> str:
+    return f"{METHODS.get(method, 'run')}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def start_run(backend: Backend, name, **values) -> RunInfo:
+    """Validate everything (``values``: ``make_config``'s arguments), then start the run in its own process.
+    An empty name gets a dated one."""
+    config = make_config(backend, **values)
+    name = (name or "").strip() or default_run_name(values.get("method", ""))
+    return backend.run_manager().start(name, config)
+
+
+def stop_run(backend: Backend, name) -> RunInfo:
+    return backend.run_manager().stop((name or "").strip())
+
+
+def resume_run(backend: Backend, name) -> RunInfo:
+    return backend.run_manager().resume((name or "").strip())
+
+
+def runs_table(backend: Backend) -> list[list]:
+    rows = []
+    for info in backend.run_manager().list():
+        epoch = f"{info.epoch if info.epoch is not None else '–'}/{info.num_epochs or '?'}"
+        ckpts = ", ".join(f"step-{n}" for n in info.checkpoints[-3:])
+        rows.append([info.name, info.state, info.method or "?", info.reward or "?", epoch, ckpts, info.error or ""])
+    return rows
+
+
+def describe_status(info: RunInfo) -> str:
+    words = [f"**{info.name}: {info.state}**"]
+    if info.epoch is not None and info.num_epochs:
+        words.append(f"epoch {info.epoch} of {info.num_epochs}")
+    if info.method:
+        words.append(f"{info.method.upper()} on {info.reward} ({info.adapter})")
+    if info.checkpoints:
+        words.append(f"last checkpoint step-{info.checkpoints[-1]}")
+    text = " · ".join(words)
+    if info.error:
+        text += "  \n" + error_markdown(info.error, "Training failed" if info.state == "failed" else "Note")
+    if info.config_error and not info.active:
+        text += f"  \n(this run cannot be resumed: {info.config_error})"
+    return text
+
+
+def curve_figure(metrics: list[dict], plot: str):
+    """One live curve (plotly) from metrics.jsonl records; the reward plot has one line per eval step count."""
+    import plotly.graph_objects as go
+
+    title, y_title, key = CURVES[plot]
+    fig = go.Figure()
+    if key is None:
+        evals = [r for r in metrics if r.get("event") == "eval"]
+        ks = sorted({int(k[len("eval_reward_k") :]) for r in evals for k in r if k.startswith("eval_reward_k")})
+        for k in ks:
+            rows = [r for r in evals if _finite(r.get(f"eval_reward_k{k}"))]
+            fig.add_trace(go.Scatter(x=[r["epoch"] for r in rows], y=[r[f"eval_reward_k{k}"] for r in rows],
+                                     mode="lines+markers", name=f"{k} step{'s' * (k > 1)}"))  # fmt: skip
+    else:
+        rows = [r for r in metrics if r.get("event") == "epoch" and _finite(r.get(key))]
+        fig.add_trace(go.Scatter(x=[r["epoch"] for r in rows], y=[r[key] for r in rows], mode="lines+markers",
+                                 name=y_title, showlegend=False))  # fmt: skip
+    fig.update_layout(title=dict(text=title, font=dict(size=14)), template="plotly_white", height=260,
+                      margin=dict(l=50, r=10, t=40, b=40), xaxis_title="epoch", yaxis_title=y_title,
+                      xaxis_tickformat="d", legend=dict(orientation="h", y=-0.3))  # fmt: skip
+    return fig
+
+
+def latest_samples(run_dir: Path) -> tuple[int | None, list[tuple[Path, int]]]:
+    """(epoch, [(png, K)]) of the newest evaluation's sample grids in samples/."""
+    found = {}
+    for p in (run_dir / "samples").glob("epoch-*_k*.png"):
+        m = _SAMPLE.match(p.name)
+        if m:
+            found.setdefault(int(m.group(1)), []).append((p, int(m.group(2))))
+    if not found:
+        return None, []
+    epoch = max(found)
+    return epoch, sorted(found[epoch], key=lambda x: x[1])
+
+
+def run_view(backend: Backend, name, previous_key: tuple | None = None) -> RunView | None:
+    """The live view of run ``name``; ``None`` when nothing changed since ``previous_key``."""
+    manager = backend.run_manager()
+    info = manager.info((name or "").strip())
+    metrics_file = info.path / "metrics.jsonl"
+    size = metrics_file.stat().st_size if metrics_file.exists() else 0
+    epoch, samples = latest_samples(info.path)
+    key = (info.name, info.state, info.error, info.epoch, size, epoch, tuple(p.name for p, _ in samples))
+    if key == previous_key:
+        return None
+    metrics = manager.metrics(info.name)
+    figures = {plot: curve_figure(metrics, plot) for plot in CURVES}
+    images = []
+    for path, k in samples:
+        try:
+            from PIL import Image
+
+            with Image.open(path) as im:
+                images.append((im.convert("RGB"), f"epoch {epoch} · {k} step{'s' * (k > 1)}"))
+        except OSError:  # being replaced right now: the next refresh shows it
+            continue
+    points = sum(1 for r in metrics if r.get("event") == "eval")
+    return RunView(key, describe_status(info), figures, images, points)
+
+
+def _finite(x) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x)
+
+
+# -- Gradio adapters ---------------------------------------------------------------------------------------------
+def _run_choices(backend: Backend, selected=None):
+    names = backend.run_manager().names()
+    value = selected if selected in names else (names[0] if names else None)
+    return gr.update(choices=names, value=value)
+
+
+def on_start(backend: Backend, name, *values) -> tuple:
+    """Updates for (error, run picker, run name box); ``values`` in ``CONFIG_FIELDS`` order. A refused start
+    changes nothing but the message."""
+    info, message = attempt("starting the run", start_run, backend, name, **dict(zip(CONFIG_FIELDS, values)))
+    if message is not None:
+        gr.Warning(message)
+        return error_markdown(message, "Cannot start"), gr.skip(), gr.skip()
+    return "", _run_choices(backend, info.name), ""
+
+
+def on_stop(backend: Backend, name) -> str:
+    """The error box's new text ("" when the stop was asked for)."""
+    _, message = attempt("stopping the run", stop_run, backend, name)
+    if message is not None:
+        gr.Warning(message)
+        return error_markdown(message, "Cannot stop")
+    return ""
+
+
+def on_resume(backend: Backend, name) -> str:
+    """The error box's new text ("" when the run was started again)."""
+    _, message = attempt("resuming the run", resume_run, backend, name)
+    if message is not None:
+        gr.Warning(message)
+        return error_markdown(message, "Cannot resume")
+    return ""
+
+
+def on_refresh(backend: Backend, name, shown: dict | None) -> tuple:
+    """Updates for (status, table, run picker, *plots, samples, shown). ``shown`` (per session) remembers what the
+    page holds, so an unchanged refresh sends nothing (and never resets the run picker while someone uses it)."""
+    shown = shown or {}
+    skip_view = [gr.skip()] * (len(CURVES) + 2)
+    rows = runs_table(backend)
+    names = backend.run_manager().names()
+    table = gr.update(value=rows) if rows != shown.get("rows") else gr.skip()
+    value = name if name in names else (names[0] if names else None)
+    picker = gr.update(choices=names, value=value) if names != shown.get("names") or value != name else gr.skip()
+    now = {"rows": rows, "names": names, "view": None}
+    if not name:
+        status = "No run selected: start one, or pick one from the list." if not names else gr.skip()
+        return status, table, picker, *[None] * len(CURVES), [], now
+    view, message = attempt("reading the run", run_view, backend, name, shown.get("view"))
+    if message is not None:
+        return error_markdown(message, "Cannot show the run"), table, picker, *skip_view[:-1], now
+    if view is None:
+        return gr.skip(), table, picker, *skip_view[:-1], {**now, "view": shown.get("view")}
+    return view.status, table, picker, *[view.figures[p] for p in CURVES], view.samples, {**now, "view": view.key}
+
+
+# -- layout ------------------------------------------------------------------------------------------------------
+def build_finetune_tab(backend: Backend) -> gr.Tab:
+    """Add the Fine-tune tab to the enclosing ``gr.Blocks``."""
+    settings = backend.settings
+    with gr.Tab("Fine-tune", id="finetune", elem_id="finetune-tab") as tab:
+        view_key = gr.State(None)  # per session: what the live view and the runs list show now
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=2, min_width=320):
+                gr.Markdown(f"Fine-tunes **{settings.model}**; runs are kept in `{backend.runs_root}`.")
+                method = gr.Radio(list(METHODS), value="SDPO", label="Method", elem_id="finetune-method",
+                                  info="SDPO: dense stepwise rewards; DDPO: the PPO baseline")  # fmt: skip
+                choices = reward_choices(backend)
+                reward = gr.Dropdown(choices, value="shapes-probe", label="Reward", elem_id="finetune-reward-name")
+                weights = gr.Textbox(label="Reward weights", placeholder="folder of a downloaded scorer's weights",
+                                     elem_id="finetune-weights", visible=settings.custom_models)  # fmt: skip
+                with gr.Row():
+                    lr = gr.Number(value=3e-4, label="Learning rate", elem_id="finetune-lr", minimum=0, maximum=1)
+                    batch = gr.Number(value=4, precision=0, label="Batch (prompts per sampling batch)",
+                                      elem_id="finetune-batch")  # fmt: skip
+                with gr.Row():
+                    epochs = gr.Number(value=30, precision=0, label="Epochs", elem_id="finetune-epochs")
+                    train_steps = gr.Number(value=8, precision=0, label="Train steps K", elem_id="finetune-k")
+                eval_steps = gr.CheckboxGroup(list(EVAL_STEP_CHOICES), value=[1, 2, 4, 8],
+                                              label="Evaluate at step counts",
+                                              elem_id="finetune-eval-steps")  # fmt: skip
+                with gr.Row():
+                    adapter = gr.Radio(list(ADAPTERS), value="LoRA", label="Adapter", elem_id="finetune-adapter")
+                    rank = gr.Number(value=4, precision=0, label="LoRA rank", elem_id="finetune-rank")
+                with gr.Accordion("More settings", open=False):
+                    with gr.Row():
+                        batches = gr.Number(value=2, precision=0, label="Sampling batches per epoch",
+                                            elem_id="finetune-batches")  # fmt: skip
+                        eval_prompts = gr.Number(value=8, precision=0, label="Evaluation prompts",
+                                                 elem_id="finetune-eval-prompts")  # fmt: skip
+                    with gr.Row():
+                        eval_every = gr.Number(value=1, precision=0, label="Evaluate every (epochs)",
+                                               elem_id="finetune-eval-every")  # fmt: skip
+                        seed = gr.Number(value=42, precision=0, label="Seed", elem_id="finetune-seed")
+                name = gr.Textbox(label="Run name", placeholder="empty: a dated name, e.g. sdpo-20250101-120000",
+                                  elem_id="finetune-name", max_lines=1)  # fmt: skip
+                with gr.Row():
+                    start = gr.Button("Start", variant="primary", elem_id="finetune-start")
+                    stop = gr.Button("Stop", variant="stop", elem_id="finetune-stop")
+                    resume = gr.Button("Resume", elem_id="finetune-resume")
+                error = gr.Markdown("", elem_id="finetune-error", elem_classes=["error-text"])
+            with gr.Column(scale=3, min_width=420):
+                run = gr.Dropdown([], label="Run", elem_id="finetune-run", interactive=True)
+                status = gr.Markdown("", elem_id="finetune-status")
+                plots = {}
+                plots["reward"] = gr.Plot(elem_id="finetune-curve-reward", show_label=False)
+                with gr.Row():
+                    plots["loss"] = gr.Plot(elem_id="finetune-curve-loss", show_label=False)
+                    plots["grad_norm"] = gr.Plot(elem_id="finetune-curve-grad-norm", show_label=False)
+                with gr.Row():
+                    plots["memory"] = gr.Plot(elem_id="finetune-curve-memory", show_label=False)
+                    plots["speed"] = gr.Plot(elem_id="finetune-curve-speed", show_label=False)
+                samples = gr.Gallery(label="Latest samples (one grid per evaluation step count)", columns=2,
+                                     height=320, object_fit="contain", format="png", elem_id="finetune-samples",
+                                     elem_classes=["pixel-gallery"])  # fmt: skip
+        table = gr.Dataframe(headers=RUN_COLUMNS, value=[], label="Runs", interactive=False, elem_id="finetune-runs",
+                             wrap=True)  # fmt: skip
+
+        config_inputs = [method, reward, lr, batch, epochs, train_steps, eval_steps, adapter, rank, weights, batches,
+                         eval_prompts, eval_every, seed]  # fmt: skip
+        view_outputs = [status, table, run, *plots.values(), samples, view_key]
+        fast = dict(concurrency_id="finetune", concurrency_limit=None)  # never behind a generation in the queue
+
+        def start_fn(name, *values):  # values: one per widget of config_inputs, in CONFIG_FIELDS order
+            return on_start(backend, name, *values)
+
+        def refresh_fn(name, key):
+            return on_refresh(backend, name, key)
+
+        def select_fn(name):  # another run picked: redraw everything
+            return on_refresh(backend, name, None)
+
+        start.click(start_fn, [name, *config_inputs], [error, run, name], api_name="finetune_start", **fast).then(
+            refresh_fn, [run, view_key], view_outputs, show_progress="hidden", **fast
+        )
+        stop.click(lambda n: on_stop(backend, n), [run], [error], api_name="finetune_stop", **fast)
+        resume.click(lambda n: on_resume(backend, n), [run], [error], api_name="finetune_resume", **fast)
+        run.change(select_fn, [run], view_outputs, show_progress="hidden", **fast)
+        timer = gr.Timer(REFRESH_S)
+        timer.tick(refresh_fn, [run, view_key], view_outputs, show_progress="hidden", **fast)
+    return tab
+
+
+if __name__ == "__main__":  # this tab alone: python -m ui.finetune_tab [model]
+    import sys
+
+    from .backend import Settings
+
+    alone = Backend(Settings(model=sys.argv[1] if len(sys.argv) > 1 else "shapes"))
+    alone.preload()
+    with gr.Blocks(title="finetuners · Fine-tune") as demo:
+        build_finetune_tab(alone)
+    demo.queue().launch()
