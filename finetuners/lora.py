@@ -8,12 +8,11 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from .imageio import atomic_write_folder
 
 TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -42,40 +41,18 @@ def lora_state_dict(unet, adapter_name: str | None = None) -> dict[str, torch.Te
     return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=name))
 
 
-def _atomic_folder(folder: Path, write) -> None:
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    try:
-        write(tmp)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        old = None
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def save_lora(unet, folder: str | Path) -> None:
     """Write the LoRA into ``folder`` (replaced atomically) as diffusers' ``pytorch_lora_weights.safetensors``."""
     from diffusers import StableDiffusionPipeline
 
     state = {k: v.detach().float().cpu().contiguous() for k, v in lora_state_dict(unet).items()}
-    _atomic_folder(Path(folder), lambda tmp: StableDiffusionPipeline.save_lora_weights(
+    atomic_write_folder(Path(folder), lambda tmp: StableDiffusionPipeline.save_lora_weights(
         tmp, unet_lora_layers=state, safe_serialization=True))  # fmt: skip
 
 
 def save_full_unet(unet, folder: str | Path) -> None:
     """Write the whole UNet as a diffusers folder (config.json + safetensors), atomically."""
-    _atomic_folder(Path(folder), lambda tmp: unet.save_pretrained(tmp, safe_serialization=True))
+    atomic_write_folder(Path(folder), lambda tmp: unet.save_pretrained(tmp, safe_serialization=True))
 
 
 def load_lora(pipe, folder: str | Path, adapter_name: str | None = None) -> None:

@@ -33,9 +33,6 @@ import copy
 import hashlib
 import json
 import logging
-import os
-import shutil
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
+from .imageio import atomic_write_folder
 from .shapes.world import COLOR_NAMES, N_CELLS, POSITIONS, RELATIONS, SHAPES, parse_prompt
 
 log = logging.getLogger(__name__)
@@ -252,29 +250,13 @@ class PreferenceModel(nn.Module):
         folder and rename it over ``folder``: a reader sees the old model or the new one, never a mix."""
         from safetensors.torch import save_file
 
-        folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = folder.parent / f".{folder.name}.{uuid.uuid4().hex[:8]}.tmp"
-        tmp.mkdir()
-        try:
+        def write(tmp: Path) -> None:
             state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
             save_file(state, tmp / "model.safetensors")
             doc = {"config": asdict(self.config), "metrics": metrics or {}}
             (tmp / "config.json").write_text(json.dumps(doc, indent=2, default=float))
-            for f in tmp.iterdir():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-            old = None
-            if folder.exists():
-                old = folder.parent / f".{folder.name}.{uuid.uuid4().hex[:8]}.old"
-                os.rename(folder, old)
-            os.rename(tmp, folder)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return folder
+
+        return atomic_write_folder(folder, write)
 
     @classmethod
     def load(cls, folder: str | Path) -> tuple[PreferenceModel, dict]:

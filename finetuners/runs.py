@@ -17,12 +17,11 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 from .errors import UserError
-from .imageio import atomic_write_bytes
+from .imageio import atomic_write_bytes, atomic_write_folder
 
 STATES = ("running", "stopped", "finished", "failed")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -125,27 +124,7 @@ def write_checkpoint(run_dir: str | Path, step: int, write, keep: int = 3) -> Pa
 
     Older checkpoints beyond the last ``keep`` are removed afterwards.
     """
-    folder = Path(run_dir) / "checkpoints"
-    folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"step-{step}"
-    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f".step-{step}."))
-    try:
-        write(tmp)
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    final = atomic_write_folder(Path(run_dir) / "checkpoints" / f"step-{step}", write)
     for _, old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
