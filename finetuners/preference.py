@@ -13,9 +13,11 @@
   names is good"); the labels then learn how much each object, place and relation matters, and q what
   extra or missing objects cost. With 200 labels a generic MLP does not find this matching on its own
   (bench/preference_learning.py measures both).
-- ``"mlp"`` (any feature vector: the probe's penultimate layer, or a user-supplied CLIP embedding):
+- ``"mlp"`` (any feature vector: the probe's penultimate layer, or the CLIP image embedding of the user's
+  local CLIP weights, ``ClipFeatures``):
       r = wᵀx̂ + u·h(x̂) + ⟨A·h(x̂), B·e(c)⟩,  x̂ the standardised features, h one hidden SiLU layer,
-  e(c) the attribute embedding of the parsed caption (bag of objects, shapes, colours, position, relation).
+  e(c) the attribute embedding of the parsed caption (bag of objects, shapes, colours, position, relation),
+  or with CLIP features the CLIP text embedding of the caption (any prompt, not only Shapes captions).
 
 *Training.* Full-batch AdamW with weight decay; early stopping on held-out log-loss, the split made by
 pair (every label of one pair lands on the same side, so a pair labelled by three people cannot leak).
@@ -157,7 +159,120 @@ class ProbeFeatures(nn.Module):
         return torch.cat([p_shape[..., :1], p_object, cell], -1).flatten(1)
 
 
-FEATURES = ("shapes-probe-cells", "shapes-probe", "precomputed")
+# CLIP's own preprocessing constants (CLIPImageProcessor), used when a folder has no preprocessor_config.json.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _weights_digest(files: Sequence[Path], extra: dict) -> str:
+    """sha256 of weight files (streamed: no second copy of a large model in memory) and a JSON dict."""
+    h = hashlib.sha256()
+    for path in files:
+        h.update(path.name.encode())
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                h.update(chunk)
+    h.update(json.dumps(extra, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _clip_weight_files(folder: Path) -> list[Path]:
+    """The safetensors files ``CLIPModel.from_pretrained`` reads: model.safetensors, or the shards of its index
+    (other *.safetensors in a hub folder, e.g. open_clip's, are not the transformers model)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError) as e:
+            raise UserError(f"the CLIP weights index {str(index)!r} is unreadable: {e}") from e
+        return [folder / name for name in shards if (folder / name).is_file()]
+    return [folder / "model.safetensors"] if (folder / "model.safetensors").is_file() else []
+
+
+class ClipFeatures(nn.Module):
+    """Frozen CLIP features from a local transformers ``CLIPModel`` folder (safetensors weights only).
+
+    ``forward(images [B, 3, H, W] in [0, 1]) -> [B, projection_dim]``: L2-normalised image embeddings,
+    differentiable in the images. Preprocessing as CLIPImageProcessor, in torch: the shorter side resized to
+    the vision config's ``image_size`` (bicubic, antialiased), a centre crop, normalisation with the folder's
+    preprocessor_config.json mean / std (CLIP's standard constants without one).
+    ``embed_prompts(prompts) -> [B, projection_dim]``: L2-normalised CLIP text embeddings (no gradient;
+    needs the folder's tokenizer, loaded when ``text=True``).
+    ``digest``: sha256 of the weight files and the preprocessing, to check a reward reloads the same encoder."""
+
+    def __init__(self, folder: str | Path, text: bool = True):
+        super().__init__()
+        folder = Path(folder).expanduser()
+        if not folder.is_dir():
+            raise UserError(f"no CLIP weights folder {str(folder)!r}")
+        weights = _clip_weight_files(folder)
+        if not weights:
+            pickled = sorted(p.name for p in folder.glob("*.bin"))
+            hint = f" (found only pickle weights: {', '.join(pickled)}; convert them to safetensors)" if pickled else ""
+            raise UserError(f"no safetensors CLIP weights in {str(folder)!r}{hint}")
+        from safetensors import SafetensorError
+        from transformers import CLIPModel, CLIPTokenizer
+
+        try:
+            model = CLIPModel.from_pretrained(folder, local_files_only=True, use_safetensors=True)
+            self.tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True) if text else None
+            pre = json.loads((folder / "preprocessor_config.json").read_text()) if (
+                folder / "preprocessor_config.json").is_file() else {}  # fmt: skip
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:
+            raise UserError(f"the CLIP weights in {str(folder)!r} are unreadable: {str(e).splitlines()[0]}") from e
+        self.clip = model.eval().requires_grad_(False)
+        self.folder = folder.resolve()
+        self.image_size = int(model.config.vision_config.image_size)
+        self.dim = int(model.config.projection_dim)
+        mean, std = pre.get("image_mean", CLIP_MEAN), pre.get("image_std", CLIP_STD)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.digest = _weights_digest(weights, {"mean": list(mean), "std": list(std), "size": self.image_size})
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] in [0, 1] -> [B, 3, S, S] normalised, S = image_size; differentiable."""
+        s = self.image_size
+        h, w = images.shape[-2:]
+        if (h, w) != (s, s):
+            scale = s / min(h, w)
+            size = (max(s, round(h * scale)), max(s, round(w * scale)))
+            images = F.interpolate(images, size=size, mode="bicubic", antialias=True, align_corners=False)
+            images = images.clamp(0, 1)  # bicubic overshoots; the processor's uint8 image cannot
+            top, left = (size[0] - s) // 2, (size[1] - s) // 2
+            images = images[..., top : top + s, left : left + s]
+        return (images - self.mean) / self.std
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        out = self.clip.get_image_features(pixel_values=self.preprocess(images))
+        emb = out if isinstance(out, torch.Tensor) else out.pooler_output  # transformers ≥ 5 returns an output
+        return F.normalize(emb, dim=-1)
+
+    @torch.no_grad()
+    def embed_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        if self.tokenizer is None:
+            raise ValueError("these CLIP features were loaded without the text tower (text=False)")
+        max_len = min(self.tokenizer.model_max_length, self.clip.config.text_config.max_position_embeddings)
+        tokens = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+        device = self.mean.device
+        out = self.clip.get_text_features(
+            input_ids=tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device)
+        )
+        emb = out if isinstance(out, torch.Tensor) else out.pooler_output
+        return F.normalize(emb, dim=-1).to(self.mean.dtype)
+
+
+FEATURES = ("shapes-probe-cells", "shapes-probe", "clip", "precomputed")
+CLIP_TEXT = "clip-text"  # the prompt embedding of CLIP-feature models: ClipFeatures.embed_prompts
+
+
+def embed_prompts(kind: str, prompts: Sequence[str], features: nn.Module | None = None) -> torch.Tensor | None:
+    """The prompt embedding ``kind`` (a PROMPT_EMBEDDINGS key or CLIP_TEXT, which reads ``features``) [B, P]."""
+    if kind == CLIP_TEXT:
+        if not hasattr(features, "embed_prompts"):
+            raise ValueError("the clip-text prompt embedding needs ClipFeatures")
+        return features.embed_prompts(list(prompts)).float()
+    embed = PROMPT_EMBEDDINGS[kind][0]
+    return None if embed is None else embed(list(prompts))
 
 
 # -- the model ---------------------------------------------------------------------------------------------
@@ -165,25 +280,32 @@ FEATURES = ("shapes-probe-cells", "shapes-probe", "precomputed")
 class PreferenceConfig:
     model: str = "cells"  # "cells" (Shapes-probe cell readings × prompt objects) | "mlp" (any feature vector)
     feature_dim: int = CELL_FEATURES_DIM  # D: size of the image features
-    prompt_embedding: str = "shapes-objects"  # a key of PROMPT_EMBEDDINGS; "none": the reward ignores the prompt
-    features: str = "shapes-probe-cells"  # shapes-probe-cells | shapes-probe (penultimate) | precomputed
+    prompt_embedding: str = "shapes-objects"  # a key of PROMPT_EMBEDDINGS, or "clip-text"; "none": ignores the prompt
+    features: str = "shapes-probe-cells"  # shapes-probe-cells | shapes-probe (penultimate) | clip | precomputed
     hidden: int = 16  # width of the hidden layer (cells: of q; mlp: of h)
     rank: int = 16  # mlp: rank k of the image–prompt bilinear term
     match_init: float = 2.0  # cells: initial weight of "this cell holds the object the prompt names"
     tau: float = 0.2  # cells: temperature of the soft maximum over cells (→ 0: hard max)
-    feature_digest: str = ""  # module_digest of the probe the features came from ("" = not checked)
+    feature_digest: str = ""  # digest of the probe / CLIP weights the features came from ("" = not checked)
+    clip_folder: str = ""  # clip: the local CLIP folder (absolute) the reward reloads its encoder from
+    text_dim: int = 0  # clip-text: size P of the CLIP text embedding (the CLIP projection_dim)
 
     @property
     def prompt_dim(self) -> int:
-        return PROMPT_EMBEDDINGS[self.prompt_embedding][1]
+        return self.text_dim if self.prompt_embedding == CLIP_TEXT else PROMPT_EMBEDDINGS[self.prompt_embedding][1]
 
     def __post_init__(self):
         if self.model not in ("cells", "mlp"):
             raise UserError(f"unknown preference model {self.model!r}: cells or mlp")
         if self.features not in FEATURES:
             raise UserError(f"unknown features {self.features!r}: {', '.join(FEATURES)}")
-        if self.prompt_embedding not in PROMPT_EMBEDDINGS:
-            raise UserError(f"unknown prompt embedding {self.prompt_embedding!r}: {', '.join(PROMPT_EMBEDDINGS)}")
+        if self.prompt_embedding not in (*PROMPT_EMBEDDINGS, CLIP_TEXT):
+            raise UserError(f"unknown prompt embedding {self.prompt_embedding!r}: "
+                            f"{', '.join((*PROMPT_EMBEDDINGS, CLIP_TEXT))}")  # fmt: skip
+        if self.prompt_embedding == CLIP_TEXT and (self.features != "clip" or self.text_dim < 1):
+            raise UserError("the clip-text prompt embedding goes with CLIP features and a positive text_dim")
+        if self.features == "clip" and (self.model != "mlp" or not self.clip_folder):
+            raise UserError("CLIP features are read by the mlp model, from a recorded clip_folder")
         if self.feature_dim < 1 or self.hidden < 1 or self.rank < 1 or self.tau <= 0:
             raise UserError("feature_dim, hidden, rank and tau must be positive")
         if self.model == "cells" and (
@@ -449,8 +571,8 @@ class PreferenceReward:
             raise ValueError(f"images must be in [0, 1], got values in [{lo:.3g}, {hi:.3g}]")
         self.model.to(device=images.device, dtype=images.dtype)
         self.features.to(device=images.device, dtype=images.dtype)
-        embed = PROMPT_EMBEDDINGS[self.model.config.prompt_embedding][0]
-        pe = None if embed is None else embed(list(prompts)).to(device=images.device, dtype=images.dtype)
+        pe = embed_prompts(self.model.config.prompt_embedding, prompts, self.features)
+        pe = None if pe is None else pe.to(device=images.device, dtype=images.dtype)
         return self.model(self.features(images), pe)
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[dict] | None = None):
@@ -460,12 +582,22 @@ class PreferenceReward:
         return r.float(), {"preference_raw": (r * self.model.reward_std + self.model.reward_mean).detach()}
 
 
-def preference_reward(folder: str | Path, probe: nn.Module | str | Path | None = None) -> PreferenceReward:
+def preference_reward(
+    folder: str | Path, probe: nn.Module | str | Path | None = None, clip: str | Path | None = None
+) -> PreferenceReward:
     """Reward factory: the trained model in ``folder`` with its feature extractor.
 
     ``probe``: the Shapes probe the model was trained on (a module, or its folder; default: the shipped
-    ``assets/shapes-probe``). A different probe than at training time is a UserError."""
+    ``assets/shapes-probe``). ``clip``: for a model on CLIP features, the CLIP folder (default: the one recorded
+    at training time). A different probe or different CLIP weights than at training time is a UserError."""
     model, metrics = PreferenceModel.load(folder)
+    if model.config.features == "clip":
+        features = ClipFeatures(clip if clip is not None else model.config.clip_folder,
+                                text=model.config.prompt_embedding == CLIP_TEXT)  # fmt: skip
+        if model.config.feature_digest and model.config.feature_digest != features.digest:
+            raise UserError(f"the preference model in {folder} was trained on other CLIP weights than those in "
+                            f"{str(features.folder)!r}; retrain it from the labels")  # fmt: skip
+        return PreferenceReward(model, features, metrics)
     if model.config.features == "precomputed":
         raise UserError(f"the preference model in {folder} was trained on precomputed features; build the reward "
                         "with PreferenceReward(model, features) and the same feature extractor")  # fmt: skip
@@ -502,7 +634,8 @@ def load_image(path: str | Path) -> torch.Tensor:
 @torch.no_grad()
 def store_dataset(store, features: nn.Module, prompt_embedding: str = "shapes-objects", batch: int = 256):
     """PreferenceData from every live non-skip label in a ``LabelStore`` (ties as y = ½): ``features`` of
-    each stored image (computed once per image) and the ``prompt_embedding`` (a PROMPT_EMBEDDINGS key)."""
+    each stored image (computed once per image) and the ``prompt_embedding`` (a PROMPT_EMBEDDINGS key, or
+    CLIP_TEXT with ClipFeatures)."""
     labels = store.labels()
     if not labels:
         raise UserError("there are no labels yet: label some pairs first")
@@ -520,11 +653,13 @@ def store_dataset(store, features: nn.Module, prompt_embedding: str = "shapes-ob
         images = torch.stack([load_image(store.image_path(u)) for u in chunk]).to(device)
         for u, f in zip(chunk, features(images).float().cpu()):
             feats[u] = f
-    embed = PROMPT_EMBEDDINGS[prompt_embedding][0]
+    prompts = sorted({lab.pair.prompt for lab in labels})  # each prompt embedded once
+    emb = embed_prompts(prompt_embedding, prompts, features)
+    row = {p: i for i, p in enumerate(prompts)}
     return PreferenceData(
         features_0=torch.stack([feats[lab.pair.image_0_uid] for lab in labels]),
         features_1=torch.stack([feats[lab.pair.image_1_uid] for lab in labels]),
-        prompt_emb=None if embed is None else embed([lab.pair.prompt for lab in labels]),
+        prompt_emb=None if emb is None else emb.float().cpu()[[row[lab.pair.prompt] for lab in labels]],
         y=torch.tensor([lab.label_0 for lab in labels], dtype=torch.float32),
         groups=torch.tensor([lab.pair.id for lab in labels]),
     )
@@ -535,19 +670,31 @@ def train_from_store(
     out: str | Path | None = None,
     probe: nn.Module | str | Path | None = None,
     *,
-    model: str = "cells",
+    model: str | None = None,
+    clip: str | Path | None = None,
     fit: FitConfig = FitConfig(),
     use_prompt: bool = True,
     progress: Callable | None = None,
     **config,
 ) -> tuple[PreferenceReward, dict]:
-    """Train the Bradley–Terry reward on a ``LabelStore``'s labels with Shapes-probe features and save it to
-    ``out`` (safetensors + JSON) when given. Returns (reward_fn, metrics).
+    """Train the Bradley–Terry reward on a ``LabelStore``'s labels and save it to ``out`` (safetensors + JSON)
+    when given. Returns (reward_fn, metrics).
 
-    ``model``: "cells" (probe cell readings × the prompt's objects; the default) or "mlp" (the probe's
-    penultimate features with the caption's attribute embedding, or none with ``use_prompt=False``).
-    ``probe``: a ShapesProbe, its folder, or None for the shipped one. Extra keywords go to PreferenceConfig."""
-    if model == "cells":
+    Features: the Shapes probe (default), or with ``clip`` a local CLIP folder (``ClipFeatures``: the image
+    embedding, and the caption's CLIP text embedding as the prompt embedding).
+    ``model``: with the probe, "cells" (probe cell readings × the prompt's objects; the default) or "mlp" (the
+    probe's penultimate features with the caption's attribute embedding); with CLIP, "mlp" (the default).
+    ``use_prompt=False``: an mlp that ignores the prompt. ``probe``: a ShapesProbe, its folder, or None for the
+    shipped one. Extra keywords go to PreferenceConfig."""
+    if clip is not None:
+        if model not in (None, "mlp"):
+            raise UserError("CLIP features are read by the mlp model")
+        features = ClipFeatures(clip, text=use_prompt)
+        kind = {"features": "clip", "prompt_embedding": CLIP_TEXT if use_prompt else "none",
+                "clip_folder": str(features.folder), "text_dim": features.dim if use_prompt else 0}  # fmt: skip
+        model = "mlp"
+    elif model in (None, "cells"):
+        model = "cells"
         if not use_prompt:
             raise UserError("the cells model scores the image against the prompt; use model='mlp' without it")
         features = ProbeFeatures(_load_probe(probe), "cells")

@@ -140,7 +140,9 @@ def _preference(folder: Path) -> Callable[..., RewardFn]:
     def factory(device=None, weights=None) -> RewardFn:
         from .preference import preference_reward
 
-        reward = preference_reward(folder, probe=weights)  # UserError for a corrupt folder or another probe
+        # ``weights`` (--reward-weights) overrides the encoder the model reads: the Shapes probe's folder, or
+        # the CLIP folder of a model on CLIP features. UserError for a corrupt folder or another encoder.
+        reward = preference_reward(folder, probe=weights, clip=weights)
         if device is not None:
             reward.model.to(device)
             reward.features.to(device)

@@ -65,8 +65,9 @@ class SDPOConfig:
     guidance_scale: float = 1.0  # CFG off (≤ 1: one conditional pass); the pair estimator assumes it (§1.2(a))
     prompts: str = "simple_animals"  # prompt set: 45 simple animal names in the paper
     sample_batch_size: int = 8  # pairs per sampling batch, per process; each row gives one pair (a, b)
-    pairs_per_prompt: int = 1  # rows of a sampling batch that share a prompt (each its own x_T). With
-    # min_count ≤ 2·pairs_per_prompt every (prompt, step) key is normalised by its own statistics at once
+    pairs_per_prompt: int = 1  # consecutive rows of a sampling batch that share a prompt (each its own x_T;
+    # the last prompt gets fewer if it does not divide). With min_count ≤ 2·pairs_per_prompt every (prompt,
+    # step) key is normalised by its own statistics from the first epoch
     num_batches_per_epoch: int = 4  # sampling batches per epoch, per process → 32 pairs per process
     seed: int = 42  # seeds prompts, x_T and step noise (per-pair generators; see ``pair_generators``)
 
@@ -133,9 +134,8 @@ class SDPOConfig:
             ("max_grad_norm", 0.0, math.inf, True), ("eval_eta", 0.0, 1.0, False), ("eval_guidance", 0.0, 30.0, False),
         ]:  # fmt: skip
             _number(self, name, lo, hi, lo_open)
-        if self.sample_batch_size % self.pairs_per_prompt:
-            raise UserError(f"sample_batch_size ({self.sample_batch_size}) must be a multiple of pairs_per_prompt "
-                            f"({self.pairs_per_prompt})")  # fmt: skip
+        if self.reward_variant == "probability" and self.reward != "shapes-probe":
+            object.__setattr__(self, "reward_variant", "standard")  # exp() is for the probe's log-prob only
         if self.min_count > self.buffer_size:
             raise UserError(f"min_count ({self.min_count}) cannot exceed buffer_size ({self.buffer_size})")
         betas = tuple(self.adam_betas)
@@ -196,24 +196,36 @@ PRESETS: dict[str, dict] = {
     ),
     "shapes": dict(
         model="shapes",
+        adapter="lora",  # the CLI and app default; "shapes-full" (all 1.49 M UNet weights) is the measured one
         precision="fp32",  # CPU
         tf32="off",
-        num_steps=8,  # K_train = 8 (ours, §1.5): the tiny model, trained at a cost a CPU can pay
-        timestep_spacing="pipeline",  # the Shapes scheduler: leading, offset 1
+        num_steps=2,  # K_train = 2 (ours, §1.5): step 0 from t = 999 is the 1-step model's only step
+        timestep_spacing="trailing",  # the pipeline's leading spacing would start a 1-step sample at t = 1
         prompts="shapes",
-        sample_batch_size=4,
-        num_batches_per_epoch=2,  # 8 pairs per epoch
-        reward="shapes-probe",  # the probe's prompt log-prob (ALGORITHMS.md §6)
-        reward_variant="log_prob",
+        sample_batch_size=16,
+        num_batches_per_epoch=1,  # 16 pairs per epoch
+        pairs_per_prompt=4,  # 4 pairs (8 trajectories) per prompt: with min_count 8 each (prompt, step) key is
+        # normalised by its own statistics, not by a batch whose spread is mostly between prompts
+        min_count=8,
+        reward="shapes-probe",  # the probe's prompt log-prob (ALGORITHMS.md §6) ...
+        reward_variant="probability",  # ... trained as P(prompt satisfied) = exp(log-prob), in [0, 1]
+        lam=0.1,  # w = (1, 0.1): the last step's noise (σ ≈ 0.03) barely moves the image, yet the scale of its
+        # log-prob gradient, |c_ε|/σ, is ~6× step 0's; down-weighted so step 0 (t = 999) leads
         train_batch_size=2,
-        grad_accum=2,  # 8·8/(2·2) = 16 updates per epoch
-        learning_rate=3e-4,
-        num_epochs=30,
+        grad_accum=4,  # 2·16/(2·4) = 4 updates per epoch
+        learning_rate=3e-4,  # LoRA (not re-measured at these settings); full UNet: see "shapes-full"
+        num_epochs=60,
         eval_steps=(1, 2, 4, 8),
-        eval_sampler="ddim",  # the Shapes model's native sampler, deterministic
+        eval_sampler="ddim-trailing",  # deterministic DDIM on trailing timesteps, as trained
         eval_guidance=1.0,  # SDPO trains the conditional prediction (CFG off); evaluate what was trained
     ),
 }
+# The configuration bench/sdpo_vs_ddpo.py measures: "shapes" with every UNet weight trained.
+PRESETS["shapes-full"] = dict(
+    PRESETS["shapes"],
+    adapter="full",
+    learning_rate=3e-5,  # 1e-4 degraded the 2-step model within 3 minutes (SDPO and DDPO alike)
+)
 
 
 def training_reward(reward_fn, variant: str):

@@ -128,12 +128,13 @@ def model_fingerprint(folder: str | Path) -> str:
 
 
 def training_prompts(cfg: SDPOConfig, epoch: int, batch: int, n: int, rank: int = 0) -> list[str]:
-    """The prompts of one sampling batch, each repeated ``cfg.pairs_per_prompt`` times in consecutive rows;
-    process ``rank`` > 0 (``accelerate launch``) draws its own."""
+    """The ``n`` prompts of one sampling batch, each repeated ``cfg.pairs_per_prompt`` times in consecutive rows
+    (the last one fewer if that does not divide ``n``); process ``rank`` > 0 (``accelerate launch``) draws its own."""
     from .shapes.world import caption, random_spec
 
     rng = np.random.default_rng([cfg.seed, epoch, batch] + ([rank] if rank else []))
-    return [caption(random_spec(rng)) for _ in range(n // cfg.pairs_per_prompt) for _ in range(cfg.pairs_per_prompt)]
+    unique = [caption(random_spec(rng)) for _ in range(-(-n // cfg.pairs_per_prompt))]
+    return [p for p in unique for _ in range(cfg.pairs_per_prompt)][:n]
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -84,3 +84,25 @@ def tiny_pipeline_dir(request) -> Path:
     if (ASSET_PIPELINE / "model_index.json").is_file():
         return ASSET_PIPELINE
     return request.getfixturevalue("random_pipeline_dir")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory) -> Path:
+    """A tiny random transformers CLIPModel folder (safetensors, the Shapes tokenizer, no preprocessor
+    config): the stand-in for a user's local CLIP weights."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from finetuners.shapes.architecture import make_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-clip")
+    tok = make_tokenizer(folder)
+    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=24, bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=8)  # fmt: skip
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)).save_pretrained(
+        folder, safe_serialization=True
+    )
+    return folder

@@ -27,6 +27,7 @@ from ui.label_tab import (
     on_label,
     on_stats,
     on_tab_select,
+    on_train,
     parse_queue,
     record_label,
     show_next,
@@ -491,6 +492,31 @@ def test_preference_reward_errors(tmp_path):
         make_reward(f"preference:{corrupt}")
     with pytest.raises(UserError, match="or preference:<folder>"):
         reward_spec("preferences")
+
+
+def test_train_preference_reward_on_clip_features(offline, tiny_clip_dir, tmp_path):
+    from finetuners.rewards import make_reward
+
+    _world_labels(offline, 20)
+    rewards_dir = offline.settings.data_dir / "rewards"
+    pickled = tmp_path / "pickled-clip"
+    pickled.mkdir()
+    torch.save({}, pickled / "pytorch_model.bin")
+    for bad, message in [(tmp_path / "no-such-clip", "no CLIP weights folder"), (pickled, "no safetensors")]:
+        with unchanged(offline), pytest.raises(UserError, match=message):
+            train_reward(offline, "clip", str(bad))
+        assert not rewards_dir.exists()
+        text, error = on_train(offline, "clip", str(bad))
+        assert message in error and bad.name in error  # (a Markdown message: the name has no "_" to escape)
+    assert not rewards_dir.exists()
+
+    msg = train_reward(offline, "clip", f"  {tiny_clip_dir}  ")
+    assert f"CLIP features of `{tiny_clip_dir.resolve()}`" in msg
+    folder = rewards_dir / "clip"
+    assert json.loads((folder / "config.json").read_text())["config"]["clip_folder"] == str(tiny_clip_dir.resolve())
+    rewards, info = make_reward(f"preference:{folder}")(torch.rand(2, 3, 32, 32), ["a red circle", "a zebra"], [{}] * 2)
+    assert rewards.shape == (2,) and torch.isfinite(rewards).all()
+    assert "Shapes-probe features" in train_reward(offline, "probe", "  ")  # empty: the Shapes probe
 
 
 @pytest.mark.parametrize(

@@ -281,7 +281,7 @@ def test_shuffle_shares_one_permutation_per_pair_and_keeps_rows_together():
 def test_update_count_matches_the_formula_and_the_training_loop():
     assert updates_per_epoch(50, 32, 2, 8) == 100  # the reference aesthetic config
     assert updates_per_epoch(50, 32, 1, 32) == 50 and updates_per_epoch(50, 32, 1, 16) == 100
-    assert SDPOConfig().updates_per_epoch == 100 and SDPOConfig.preset("shapes").updates_per_epoch == 16
+    assert SDPOConfig().updates_per_epoch == 100 and SDPOConfig.preset("shapes").updates_per_epoch == 4
     p, k, bs, accum = 8, 5, 2, 2
     order, updates, n = [], 0, 0
     for column, batch in iter_minibatches(_coded_steps(p, k), bs):
@@ -303,7 +303,9 @@ def test_config_presets_and_validation():
     assert (paper.gamma, paper.lam, paper.eta_s, paper.clip_range, paper.adv_clip) == (0.99, 0.99, 1.0, 1e-4, 5.0)
     assert (paper.buffer_size, paper.min_count, paper.inner_epochs, paper.max_grad_norm) == (32, 16, 1, 1.0)
     shapes = SDPOConfig.preset("shapes")
-    assert shapes.num_steps == 8 and shapes.reward == "shapes-probe" and shapes.eval_steps == (1, 2, 4, 8)
+    assert shapes.num_steps == 2 and shapes.reward == "shapes-probe" and shapes.eval_steps == (1, 2, 4, 8)
+    assert shapes.timestep_spacing == "trailing" and shapes.eval_sampler == "ddim-trailing"  # 1 step starts at 999
+    assert shapes.eval_guidance <= 1.0 and shapes.min_count <= 2 * shapes.pairs_per_prompt
     assert SDPOConfig.preset("paper-imagereward").reward_variant == "raw"
     assert set(PRESETS) >= {"paper", "shapes"}
     assert SDPOConfig(**paper.to_dict()) == paper
@@ -420,3 +422,31 @@ def test_one_epoch_end_to_end_on_the_tiny_pipeline(sampled):
         assert grads and all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
     finally:
         unet.zero_grad(set_to_none=True)
+
+
+def test_pairs_per_prompt_repeat_prompts_and_normalise_by_their_own_statistics():
+    from finetuners.trainer import training_prompts
+
+    cfg = SDPOConfig.preset("shapes", pairs_per_prompt=4, sample_batch_size=10, grad_accum=5)
+    prompts = training_prompts(cfg, epoch=0, batch=0, n=10)
+    assert len(prompts) == 10 and prompts[:4] == [prompts[0]] * 4 and prompts[4:8] == [prompts[4]] * 4
+    assert prompts[8:] == [prompts[8]] * 2 and len({prompts[0], prompts[4], prompts[8]}) == 3
+    single = SDPOConfig.preset("shapes", pairs_per_prompt=1, sample_batch_size=3, train_batch_size=1, grad_accum=3)
+    assert training_prompts(single, 0, 0, 3) == [prompts[0], prompts[4], prompts[8]]  # the same draws
+    # 2 pairs of one prompt (4 trajectories) with min_count 4: that prompt's own mean and std at once
+    tracker = step_tracker(buffer_size=32, min_count=4)
+    returns = torch.tensor([[1.0], [3.0], [2.0], [2.0], [100.0], [300.0], [200.0], [200.0]])
+    adv, _ = sdpo_advantages(tracker, ["x", "x", "x", "x", "y", "y", "y", "y"], returns)
+    want = torch.tensor([-1.0, 1, 0, 0]) / 0.5**0.5  # ±1/σ with σ = √0.5 (×100 for "y": the same z-scores)
+    assert torch.allclose(adv[:, 0], torch.cat([want, want]), atol=1e-4)
+
+
+def test_probability_reward_variant_exponentiates_a_log_prob_reward():
+    from finetuners.sdpo import training_reward
+
+    def log_prob_reward(images, prompts, metadata):
+        return torch.tensor([-0.5, -3.0]), {"k": 1}
+
+    assert training_reward(log_prob_reward, "log_prob") is log_prob_reward
+    rewards, info = training_reward(log_prob_reward, "probability")(None, ["a", "b"], [{}, {}])
+    assert torch.allclose(rewards, torch.tensor([-0.5, -3.0]).exp()) and info == {"k": 1}

@@ -304,8 +304,9 @@ def test_resume_after_sigkill(random_pipeline_dir, tmp_path):
 @pytest.mark.slow
 @pytest.mark.xfail(
     strict=False,
-    reason="measured: the 1-step gain of a 10-20 epoch run is within eval noise "
-    "(-56.36 -> -56.09 here; other seeds/lrs -51.9 .. -58.4); needs tuning, not yet a guarantee",
+    reason="measured on the 04:15 UTC assets (shapes-full, lr 1e-3, 10 epochs, 32 prompts, start -56.11): the "
+    "1-step gain is +25.3 / +32.4 / -23.4 / +1.8 for seeds 42 / 0 / 1 / 2, and 1-step accuracy falls (6.3% -> 0-3%); "
+    "at lr 3e-5 a 15-epoch run moves it -2.9 / +2.1 (earlier assets). Not yet a guarantee for one short run",
 )
 def test_sdpo_raises_one_step_probe_reward(tmp_path):
     from finetuners.runs import read_metrics
@@ -317,13 +318,11 @@ def test_sdpo_raises_one_step_probe_reward(tmp_path):
     from finetuners.sdpo import SDPOConfig
     from finetuners.trainer import TrainConfig
 
-    # Trailing timesteps: with the pipeline's leading spacing a 1-step sample starts at t = 1 (no denoising).
-    algo = SDPOConfig.preset("shapes", model=str(pipeline), num_epochs=10, eval_steps=(1,), learning_rate=1e-3,
-                             eval_sampler="ddim-trailing", timestep_spacing="trailing")  # fmt: skip
-    config = TrainConfig(algo=algo,
-                         reward_weights=str(probe), eval_every=10, num_eval_prompts=32)  # fmt: skip
+    # The preset trains and evaluates on trailing timesteps (leading spacing starts a 1-step sample at t = 1).
+    algo = SDPOConfig.preset("shapes-full", model=str(pipeline), num_epochs=10, eval_steps=(1,), learning_rate=1e-3)
+    config = TrainConfig(algo=algo, reward_weights=str(probe), eval_every=10, num_eval_prompts=32)
     assert train(tmp_path / "run", config)["state"] == "finished"
     evals = [r for r in read_metrics(tmp_path / "run") if r.get("event") == "eval"]
     before, after = evals[0]["eval_reward_k1"], evals[-1]["eval_reward_k1"]
     print(f"1-step probe reward {before:.3f} -> {after:.3f}")
-    assert after > before
+    assert after - before > 3.0  # above the ±3 spread of untrained / barely trained runs

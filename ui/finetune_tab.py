@@ -140,16 +140,19 @@ def make_config(backend: Backend, method, reward, learning_rate, batch, epochs, 
     device = resolve_device(settings.device)
     precision = {"float16": "fp16", "bfloat16": "bf16"}.get(settings.dtype or "", "fp16")
     precision = "fp32" if device.type == "cpu" or settings.dtype in ("float32", "fp32") else precision
-    sampler = backend.defaults(settings.model).sampler  # the model's own deterministic sampler for evaluation
+    # few-step evaluation (1/2/4/8 steps) needs trailing timesteps: leading spacing starts a 1-step sample at t = 1
+    sampler = "lcm" if backend.defaults(settings.model).sampler == "lcm" else "ddim-trailing"
+    per_prompt = next(k for k in (4, 2, 1) if batch % k == 0)  # pairs sharing a prompt (normalised together)
     pairs = batch * batches
     train_batch = 2 if pairs % 2 == 0 else 1  # minibatches must fill whole accumulation groups (§1.2(e))
     grad_accum = 2 if (pairs // train_batch) % 2 == 0 else 1
-    spacing = "trailing" if sampler == "ddim-trailing" else "pipeline"  # few-step turbo models need trailing
+    spacing = "pipeline" if sampler == "lcm" else "trailing"
     algo = SDPOConfig.preset(
         "shapes", model=settings.model, precision=precision, reward=reward, learning_rate=lr,
         sample_batch_size=batch, num_batches_per_epoch=batches, num_epochs=epochs, num_steps=k,
         adapter=ADAPTERS[adapter], lora_rank=rank, eval_steps=tuple(steps), eval_sampler=sampler, seed=seed,
         train_batch_size=train_batch, grad_accum=grad_accum, timestep_spacing=spacing,
+        pairs_per_prompt=per_prompt, min_count=min(2 * per_prompt, 8),
     )  # fmt: skip
     return TrainConfig(method=METHODS[method], algo=algo, reward_weights=(weights or "").strip() or None,
                        device=str(device), eval_every=every, num_eval_prompts=n_eval)  # fmt: skip

@@ -10,8 +10,9 @@ The handlers proper are plain Python over the app's one ``LabelStore`` (``Backen
   they have not labelled yet; a label is acknowledged only once ``add_label`` has committed it.
 - ``statistics``: labels per labeller, agreement between labellers, win rates and a Bradley–Terry ranking.
 - ``export_labels`` / ``import_labels``: the Pick-a-Pic schema, inside the app's data folder only.
-- ``train_reward``: the Bradley–Terry preference reward, saved under ``<data_dir>/rewards/<name>/`` and usable
-  in fine-tuning as the reward ``preference:<folder>``.
+- ``train_reward``: the Bradley–Terry preference reward on Shapes-probe features, or on CLIP features of a
+  local CLIP folder the user names, saved under ``<data_dir>/rewards/<name>/`` and usable in fine-tuning as the
+  reward ``preference:<folder>``.
 
 The ``on_*`` adapters turn them into Gradio updates: a message in the tab (and a toast) on failure, with the
 other outputs left as they were. Keyboard shortcuts (1 / ← left, 2 / → right, 3 / ↓ tie, 0 / s skip, u undo)
@@ -446,8 +447,11 @@ def _import(store, path: Path) -> str:
 # -- the preference reward -----------------------------------------------------------------------------------
 
 
-def train_reward(backend: Backend, name, progress=None) -> str:
-    """Train the Bradley–Terry reward on every live label, save it to ``<data_dir>/rewards/<name>/``."""
+def train_reward(backend: Backend, name, clip_folder=None, progress=None) -> str:
+    """Train the Bradley–Terry reward on every live label, save it to ``<data_dir>/rewards/<name>/``.
+
+    ``clip_folder``: a local CLIP weights folder (transformers, safetensors) whose features the reward reads;
+    empty: the Shapes probe's. A bad folder is a UserError before anything is written."""
     from finetuners.preference import train_from_store
 
     name = name.strip() if isinstance(name, str) else ""
@@ -455,6 +459,7 @@ def train_reward(backend: Backend, name, progress=None) -> str:
         raise UserError(
             "the reward name must be 1–64 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
+    clip = clip_folder.strip() if isinstance(clip_folder, str) else ""
     store = backend.label_store()
     folder = backend.settings.data_dir / "rewards" / name
     replaced = folder.exists()
@@ -465,12 +470,13 @@ def train_reward(backend: Backend, name, progress=None) -> str:
         if progress is not None:
             progress((step, None), desc=f"step {step}: held-out log-loss {metrics['val_loss']:.3f}")
 
-    _, m = train_from_store(store, folder, progress=on_step)
+    reward, m = train_from_store(store, folder, clip=Path(clip).expanduser() if clip else None, progress=on_step)
     acc = m["val_accuracy"]
     acc_text = "n/a (only ties held out)" if acc is None else f"**{acc:.1%}**"
+    on = f"CLIP features of `{reward.features.folder}`" if clip else "Shapes-probe features"
     return (
         f"✓ Held-out pairwise accuracy {acc_text} on {m['n_val_non_tie']} held-out labels "
-        f"(trained on {m['n_train']} labels of {m['n_pairs']} pairs; split by pair).  \n"
+        f"(trained on {m['n_train']} labels of {m['n_pairs']} pairs, {on}; split by pair).  \n"
         f"{'Replaced' if replaced else 'Saved'} in `{folder}`; in fine-tuning use the reward "
         f"`preference:{folder.resolve()}`."
     )
@@ -534,8 +540,9 @@ def on_import(backend: Backend, path, uploaded) -> tuple:
     return _message("import", "Nothing imported", import_labels, backend, path, uploaded)
 
 
-def on_train(backend: Backend, name, progress=None) -> tuple:
-    return _message("training the reward", "Cannot train the reward", train_reward, backend, name, progress)
+def on_train(backend: Backend, name, clip_folder=None, progress=None) -> tuple:
+    return _message("training the reward", "Cannot train the reward", train_reward, backend, name, clip_folder,
+                    progress)  # fmt: skip
 
 
 def on_tab_select(backend: Backend, name, request: gr.Request | None = None) -> tuple:
@@ -647,6 +654,10 @@ def build_label_tab(backend: Backend) -> gr.Tab:
                 with gr.Accordion("Preference reward (Bradley–Terry)", open=False):
                     reward_name = gr.Textbox(value="labels", label="Name", elem_id="label-reward-name",
                                              info=f"saved in {settings.data_dir / 'rewards'}/<name>/")  # fmt: skip
+                    clip_folder = gr.Textbox(label="CLIP weights folder (optional)", elem_id="label-reward-clip",
+                                             placeholder="empty: Shapes-probe features",
+                                             info="a local transformers CLIP folder with safetensors weights, "
+                                             "e.g. a download of openai/clip-vit-large-patch14")  # fmt: skip
                     train = gr.Button("Train preference reward", elem_id="label-train")
                     trained = gr.Markdown("", elem_id="label-trained")
                     train_error = gr.Markdown("", elem_id="label-train-error", elem_classes=["error-text"])
@@ -698,10 +709,10 @@ def build_label_tab(backend: Backend) -> gr.Tab:
         do_import.click(lambda p, f: on_import(backend, p, f), [import_path, import_file], [io_result, io_error],
                         api_name="label_import", concurrency_id="label-admin")  # fmt: skip
 
-        def train_fn(name, progress=gr.Progress()):
-            return on_train(backend, name, progress)
+        def train_fn(name, clip, progress=gr.Progress()):
+            return on_train(backend, name, clip, progress)
 
-        train.click(train_fn, [reward_name], [trained, train_error], api_name="label_train_reward",
+        train.click(train_fn, [reward_name, clip_folder], [trained, train_error], api_name="label_train_reward",
                     concurrency_id="label-admin")  # fmt: skip
 
         def select_fn(name, request: gr.Request):
