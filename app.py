@@ -120,6 +120,7 @@ def build_app(backend) -> gr.Blocks:
     """Every tab, composed over one shared backend. Tabs to come: Label, Fine-tune, Adaptive steps."""
     import gradio as gr
 
+    from ui.adaptive_tab import build_adaptive_tab
     from ui.finetune_tab import build_finetune_tab
     from ui.label_tab import build_label_tab
     from ui.sample_tab import build_sample_tab
@@ -131,6 +132,7 @@ def build_app(backend) -> gr.Blocks:
             build_sample_tab(backend)
             build_label_tab(backend)
             build_finetune_tab(backend)
+            build_adaptive_tab(backend)
             build_superpose_tab(backend)
     demo.queue(max_size=backend.settings.queue_size, default_concurrency_limit=backend.settings.concurrency)
     return demo

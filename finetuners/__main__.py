@@ -91,9 +91,9 @@ def cmd_adapt_train(args: argparse.Namespace) -> int:
         raise UserError(f"--out {str(folder)!r} already holds files: choose a new folder")
     candidates = tuple(args.candidates) if args.candidates else ad.CANDIDATE_SETS[args.candidate_set]
     config = ad.AdaDiffConfig(candidates=candidates, top_k=args.top_k, quality_weight=args.quality_weight,
-                              penalty=args.penalty, quality=args.quality, num_seeds=args.seeds, sampler=args.sampler,
-                              guidance=args.guidance, loss=args.loss, lr=args.lr, epochs=args.epochs,
-                              seed=args.seed)  # fmt: skip
+                              penalty=args.penalty, flat_rows=args.flat_rows, quality=args.quality,
+                              num_seeds=args.seeds, sampler=args.sampler, guidance=args.guidance, loss=args.loss,
+                              lr=args.lr, epochs=args.epochs, seed=args.seed)  # fmt: skip
     if args.prompt_file:
         try:
             lines = Path(args.prompt_file).read_text().splitlines()
@@ -273,6 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None, help="default: 3, or 2 with fewer than 8 candidates")
     p.add_argument("--quality-weight", type=float, default=1.0, help="λ, weight of quality inside the top-k")
     p.add_argument("--penalty", type=float, default=1.0, help="γ, reward −γ outside the top-k")
+    p.add_argument(
+        "--flat-rows",
+        choices=("fewest", "skip"),
+        default="fewest",
+        help="prompts equally good (or bad) at every step count: reward the fewest steps, or skip them",
+    )
     p.add_argument("--loss", choices=("expected", "reinforce_baseline", "reinforce"), default="expected")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--epochs", type=int, default=300)

@@ -14,6 +14,7 @@ import gradio as gr
 from finetuners.errors import UserError
 from finetuners.generate import LIMITS, SAMPLERS, SampleRequest
 
+from .adaptive_tab import choose_for_prompt, policy_choices
 from .backend import Backend
 from .common import attempt, error_markdown, random_seed
 from .images import to_display
@@ -24,6 +25,7 @@ MAX_STRIP_FRAMES = 24  # x̂0 frames shown per image; long schedules are subsamp
 MAX_STRIP_IMAGES = 4  # images of a batch whose x̂0 strip is kept in the session (memory per user)
 
 GalleryItem = tuple  # (PIL.Image, caption)
+ADAPTIVE_OFF = "off"  # the adaptive-steps picker's "use the Steps slider" choice
 
 
 @dataclass
@@ -61,22 +63,30 @@ def make_request(prompt, negative_prompt, steps, sampler, eta, guidance, seed, b
 
 
 def run_sample(
-    backend: Backend, model, prompt, negative_prompt, steps, sampler, eta, guidance, seed, batch, progress=None
-) -> SampleView:
-    """Generate and convert for display. ``progress(fraction_or_(i, n), desc=…)`` is optional (gr.Progress)."""
+    backend: Backend, model, prompt, negative_prompt, steps, sampler, eta, guidance, seed, batch, progress=None,
+    adaptive=None,
+) -> SampleView:  # fmt: skip
+    """Generate and convert for display. ``progress(fraction_or_(i, n), desc=…)`` is optional (gr.Progress).
+    ``adaptive``: the name of an AdaDiff policy (Adaptive steps tab) that picks the step count instead of ``steps``."""
     request = make_request(
         prompt, negative_prompt, steps, sampler, eta, guidance, seed, batch, backend.settings.max_batch
     )
     name = backend.check_model(model)
     if progress is not None:
         progress(0, desc="starting" if name in backend.loaded_models() else "loading model")
+    chosen = ""
+    if adaptive and adaptive != ADAPTIVE_OFF:  # an AdaDiff policy picks the step count
+        request, chosen = choose_for_prompt(backend, name, adaptive, request)
 
     def on_step(i, t, x, out):
         if progress is not None:
             progress((i + 1, request.steps), desc=f"step {i + 1}/{request.steps} (t={int(t)})", unit="steps")
 
     result = backend.generate(model, request, callback=on_step)
-    return build_view(result, request, backend.settings.display_px)
+    view = build_view(result, request, backend.settings.display_px)
+    if chosen:
+        view.info += f"  \n{chosen}"
+    return view
 
 
 def build_view(result, request: SampleRequest, display_px: int) -> SampleView:
@@ -125,13 +135,14 @@ def defaults_for(backend: Backend, model) -> tuple[int, str, float]:
 
 
 def on_generate(
-    backend: Backend, model, prompt, negative_prompt, steps, sampler, eta, guidance, seed, batch, progress=None
-) -> tuple:
+    backend: Backend, model, prompt, negative_prompt, steps, sampler, eta, guidance, seed, batch, progress=None,
+    adaptive=None,
+) -> tuple:  # fmt: skip
     """Updates for (gallery, strip, info, error, strips state). On failure only the error message changes,
     and a warning toast repeats it."""
     view, message = attempt(
         "generation", run_sample, backend, model, prompt, negative_prompt, steps, sampler, eta, guidance, seed, batch,
-        progress,
+        progress, adaptive,
     )  # fmt: skip
     if message is None:
         label, frames = view.strips[0] if view.strips else (strip_label(0), [])
@@ -248,6 +259,13 @@ def build_sample_tab(backend: Backend) -> gr.Tab:
                         scale=4,
                         elem_id="sample-batch",
                     )
+                adaptive = gr.Dropdown(
+                    choices=[ADAPTIVE_OFF, *policy_choices(backend)],
+                    value=ADAPTIVE_OFF,
+                    label="Adaptive steps",
+                    info="an AdaDiff policy (Adaptive steps tab) picks the step count per prompt",
+                    elem_id="sample-adaptive",
+                )
                 generate = gr.Button("Generate", variant="primary", elem_id="sample-generate")
                 error = gr.Markdown("", elem_id="sample-error", elem_classes=["error-text"])
             with gr.Column(scale=3, min_width=360):
@@ -271,11 +289,13 @@ def build_sample_tab(backend: Backend) -> gr.Tab:
                     allow_preview=True,
                 )
 
-        inputs = [model, prompt, negative, steps, sampler, eta, guidance, seed, batch]
+        inputs = [model, prompt, negative, steps, sampler, eta, guidance, seed, batch, adaptive]
         outputs = [gallery, strip, info, error, strips_state]
 
-        def generate_fn(model, prompt, negative, steps, sampler, eta, guidance, seed, batch, progress=gr.Progress()):
-            return on_generate(backend, model, prompt, negative, steps, sampler, eta, guidance, seed, batch, progress)
+        def generate_fn(model, prompt, negative, steps, sampler, eta, guidance, seed, batch, adaptive,
+                        progress=gr.Progress()):  # fmt: skip
+            return on_generate(backend, model, prompt, negative, steps, sampler, eta, guidance, seed, batch, progress,
+                               adaptive)  # fmt: skip
 
         events = dict(concurrency_id="generate", concurrency_limit=settings.concurrency)
         generate.click(generate_fn, inputs, outputs, api_name="sample", **events)
@@ -289,6 +309,7 @@ def build_sample_tab(backend: Backend) -> gr.Tab:
         model.change(model_fn, [model], [steps, sampler, guidance, error], trigger_mode="always_last", **events)
         # checkpoints of runs that finished since the page loaded (the Fine-tune tab) join the model list
         tab.select(lambda: gr.update(choices=backend.model_choices()), None, [model], queue=False)
+        tab.select(lambda: gr.update(choices=[ADAPTIVE_OFF, *policy_choices(backend)]), None, [adaptive], queue=False)
     return tab
 
 

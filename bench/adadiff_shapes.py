@@ -1,0 +1,246 @@
+"""AdaDiff on Shapes: average steps of the adaptive policy against fixed step counts, on held-out prompts.
+
+    python bench/adadiff_shapes.py [--model shapes] [--n-eval 1000] [--n-train 1000] [--seeds 2] \
+        [--candidates 1 2 3 4 6 8] [--sampler ddim-trailing] [--guidance 3] [--cache bench/.cache]
+
+Held-out prompts: ``eval_prompts(n_eval)`` (seed 12345, the list bench/eval_shapes.py uses; prompt i at seed i).
+Training prompts: distinct captions from the training distribution, none of them among the held-out ones. Every
+prompt's ladder (its image at every candidate step count) is rendered once and cached under ``--cache`` (images as
+uint8, keyed by the model's weights); the policy trains on the training ladder's reward table (ALGORITHMS.md §3.2)
+and is read out by argmax on the held-out prompts, whose ladder gives both the fixed-step accuracies and the adaptive
+one (the very same images: a paired comparison).
+
+Reported: probe accuracy at every fixed u; the adaptive policy's accuracy, mean steps and network evaluations; the
+smallest fixed u whose accuracy is within 1 point of the adaptive one, and the steps saved against it; mean chosen
+steps per template (object / position / relation); the oracle (argmax of R on the held-out ladder itself) and a
+random policy with the adaptive histogram as references.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+import zlib
+from pathlib import Path
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from finetuners import adadiff  # noqa: E402
+from finetuners.models import load_model, resolve_model_path  # noqa: E402
+from finetuners.shapes.world import eval_prompts, parse_prompt  # noqa: E402
+
+TEMPLATES = ("object", "position", "relation")
+
+
+def template(prompt: str) -> str:
+    spec = parse_prompt(prompt)
+    return "relation" if spec.relation else "position" if spec.position else "object"
+
+
+def weights_key(model: str) -> str:
+    """A short hash of the pipeline's weight files' contents: a new model, a new cache (a copy, the same one)."""
+    folder = Path(resolve_model_path(model))
+    h = hashlib.sha256()
+    for f in sorted(folder.glob("*/*.safetensors")):
+        h.update(str(f.relative_to(folder)).encode())
+        h.update(hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()[:12]
+
+
+def cached_ladder(pipe, name: str, prompts, seeds, args, cache: Path) -> adadiff.Ladder:
+    """The ladder's images (uint8) from the cache, or rendered now and stored."""
+    from safetensors.torch import load_file, save_file
+
+    key = hashlib.sha256(json.dumps([weights_key(args.model), prompts, seeds.tolist(), args.candidates,
+                                     args.sampler, args.guidance]).encode()).hexdigest()[:16]  # fmt: skip
+    path = cache / f"{name}-{key}.safetensors"
+    if path.is_file():
+        d = load_file(path)
+        print(f"{name}: cached ladder {path}", file=sys.stderr)
+        return adadiff.Ladder(prompts, seeds, tuple(args.candidates), torch.zeros(0), d["images"].float() / 255,
+                              float(d["seconds"]), int(d["nfe"]))  # fmt: skip
+    t0 = [time.perf_counter()]
+
+    def progress(done, total, text):
+        if time.perf_counter() - t0[0] > 20:
+            t0[0] = time.perf_counter()
+            print(f"{name}: {100 * done / total:.0f}% ({text})", file=sys.stderr)
+
+    ladder = adadiff.build_quality_table(pipe, prompts, args.candidates, lambda x, p: torch.zeros(len(p)),
+                                         seeds=seeds, sampler=args.sampler, guidance=args.guidance, batch_size=128,
+                                         keep_images=True, progress=progress)  # fmt: skip
+    cache.mkdir(parents=True, exist_ok=True)
+    save_file({"images": (ladder.images * 255).round().to(torch.uint8).contiguous(),
+               "seconds": torch.tensor(ladder.seconds), "nfe": torch.tensor(ladder.nfe)}, path)  # fmt: skip
+    print(f"{name}: rendered in {ladder.seconds:.0f} s → {path}", file=sys.stderr)
+    return ladder
+
+
+def score(ladder: adadiff.Ladder, iqs) -> torch.Tensor:
+    """[P, S, N] IQS of every cached image."""
+    p, s, n = ladder.images.shape[:3]
+    flat = ladder.images.flatten(0, 2)
+    prompts = [q for q in ladder.prompts for _ in range(s * n)]
+    out = torch.cat([iqs(flat[i : i + 2048], prompts[i : i + 2048]) for i in range(0, len(prompts), 2048)])
+    return out.view(p, s, n)
+
+
+def fixed_steps_for(fixed: dict[int, float], accuracy: float) -> float | None:
+    """Steps a fixed schedule needs for ``accuracy``, linear between the measured counts; None above the best."""
+    pts = sorted(fixed.items())
+    if accuracy <= pts[0][1]:
+        return float(pts[0][0])
+    for (u0, a0), (u1, a1) in zip(pts, pts[1:]):
+        if a0 < accuracy <= a1:
+            return u0 + (u1 - u0) * (accuracy - a0) / (a1 - a0)
+    return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="shapes")
+    ap.add_argument("--n-eval", type=int, default=1000)
+    ap.add_argument("--protocol", choices=("crossfit", "separate"), default="crossfit",
+                    help="crossfit: 2 folds of the held-out prompts by prompt string, each read out by the policy "
+                    "trained on the other; separate: --n-train other prompts × --seeds")  # fmt: skip
+    ap.add_argument("--n-train", type=int, default=1000)
+    ap.add_argument("--seeds", type=int, default=2, help="seeds per training prompt (S)")
+    ap.add_argument("--candidates", type=int, nargs="+", default=list(adadiff.CANDIDATE_SETS["shapes"]))
+    ap.add_argument("--sampler", default="ddim-trailing")
+    ap.add_argument("--guidance", type=float, default=3.0)
+    ap.add_argument("--quality", default="shapes-accuracy", help="IQS: a reward name")
+    ap.add_argument("--quality-weight", type=float, default=1.0, help="λ")
+    ap.add_argument("--top-k", type=int, default=None)
+    ap.add_argument("--flat-rows", choices=adadiff.FLAT_ROWS, default="fewest")
+    ap.add_argument("--loss", default="expected", choices=adadiff.LOSSES)
+    ap.add_argument("--epochs", type=int, default=300)
+    ap.add_argument("--policy-seed", type=int, default=0)
+    ap.add_argument("--cache", type=Path, default=Path("bench/.cache"))
+    ap.add_argument("--save", type=Path, default=None, help="also save the trained policy to this folder")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: up to 8)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures as JSON here")
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, min(os.cpu_count() or 1, 8)) if args.threads is None else args.threads)
+
+    config = adadiff.AdaDiffConfig(candidates=tuple(args.candidates), top_k=args.top_k, quality=args.quality,
+                                   quality_weight=args.quality_weight, flat_rows=args.flat_rows,
+                                   num_seeds=args.seeds, sampler=args.sampler, guidance=args.guidance,
+                                   loss=args.loss, epochs=args.epochs, seed=args.policy_seed)  # fmt: skip
+    args.candidates = list(config.candidates)
+    pipe = load_model(args.model, "cpu")
+    held_out = eval_prompts(args.n_eval)
+    eval_ladder = cached_ladder(pipe, "eval", held_out, torch.arange(len(held_out))[:, None], args, args.cache)
+    iqs = adadiff.make_iqs(args.quality)
+    accuracy = adadiff.make_iqs("shapes-accuracy")
+    eval_acc = score(eval_ladder, accuracy)[:, 0]  # [P, N]
+    features = adadiff.text_features(pipe, held_out)
+    u = torch.tensor(config.candidates, dtype=torch.float32)
+    idx = torch.zeros(len(held_out), dtype=torch.int64)
+    t0 = time.perf_counter()
+    if args.protocol == "crossfit":
+        # two folds by prompt string: each held-out prompt is read out by the policy trained on the other fold
+        eval_q = score(eval_ladder, iqs)[:, 0] if args.quality != "shapes-accuracy" else eval_acc
+        fold = torch.tensor([zlib.crc32(p.encode()) % 2 for p in held_out])
+        n_train, train_ladder = [], None
+        for f in (0, 1):
+            tr, te = fold != f, fold == f
+            assert not {p for p, m in zip(held_out, tr) if m} & {p for p, m in zip(held_out, te) if m}
+            rewards = adadiff.config_rewards(eval_q[tr], config)
+            policy = adadiff.train_policy(features[tr], rewards, config).policy
+            idx[te] = policy.probs(features[te]).argmax(-1)
+            n_train.append(int(tr.sum()))
+            if f == 0 and args.save:
+                adadiff.save_policy(args.save, policy, config, {"model": args.model, "bench": "adadiff_shapes fold 0"})
+    else:  # separate training prompts (none among the held-out ones), S seeds each
+        train = adadiff.training_prompts(args.n_train, exclude=held_out)
+        assert not set(train) & set(held_out)
+        train_ladder = cached_ladder(pipe, "train", train, adadiff.ladder_seeds(len(train), args.seeds, 10**6), args,
+                                     args.cache)  # fmt: skip
+        train_ladder.scores = score(train_ladder, iqs)
+        rewards = adadiff.config_rewards(train_ladder.quality, config)
+        result = adadiff.train_policy(adadiff.text_features(pipe, train), rewards, config)
+        chosen, _ = adadiff.choose_steps(pipe, result.policy, held_out)
+        idx = torch.tensor([config.candidates.index(c) for c in chosen])
+        n_train = [len(train)]
+        if args.save:
+            adadiff.save_policy(args.save, result.policy, config, {"model": args.model, "bench": "adadiff_shapes"},
+                                train_ladder)  # fmt: skip
+    train_s = time.perf_counter() - t0
+    rows = torch.arange(len(held_out))
+    ada_acc = float(eval_acc[rows, idx].mean())
+    ada_steps = float(u[idx].mean())
+    fixed = {int(k): float(eval_acc[:, j].mean()) for j, k in enumerate(config.candidates)}
+    matched = next((k for k, a in fixed.items() if a >= ada_acc - 0.01), None)
+    saving = 1 - ada_steps / matched if matched else float("nan")
+    equal = fixed_steps_for(fixed, ada_acc)  # the fixed-step curve, interpolated, at exactly the adaptive accuracy
+    # references: the oracle argmax of R on the held-out ladder; a random policy with the adaptive histogram
+    eval_rewards = adadiff.reward_table(eval_acc, config.candidates, config.k, config.quality_weight, config.penalty)
+    oracle = eval_rewards.argmax(-1)
+    hist = torch.bincount(idx, minlength=len(u)).float()
+    gen = torch.Generator().manual_seed(0)
+    rand = torch.multinomial(hist / hist.sum(), len(held_out), replacement=True, generator=gen)
+    kinds = [template(p) for p in held_out]
+    per_template = {}
+    for t in TEMPLATES:
+        m = torch.tensor([k == t for k in kinds])
+        per_template[t] = {
+            "n": int(m.sum()),
+            "mean_steps": float(u[idx[m]].mean()),
+            "adaptive_accuracy": float(eval_acc[rows[m], idx[m]].mean()),
+            "fixed_accuracy": {int(k): float(eval_acc[m, j].mean()) for j, k in enumerate(config.candidates)},
+        }
+    figures = {
+        "model": args.model, "weights": weights_key(args.model), "candidates": list(config.candidates),
+        "sampler": args.sampler, "guidance": args.guidance, "n_eval": len(held_out), "n_train": n_train,
+        "protocol": args.protocol,
+        "config": config.to_dict(), "fixed_accuracy": fixed, "adaptive_accuracy": ada_acc,
+        "adaptive_mean_steps": ada_steps, "adaptive_nfe_per_image": ada_steps * (2 if args.guidance > 1 else 1),
+        "matched_fixed_steps": matched, "steps_saved_vs_matched": saving, "fixed_steps_at_equal_accuracy": equal,
+        "steps_saved_vs_equal_accuracy": 1 - ada_steps / equal if equal else float("nan"),
+        "speedup_vs_max": 1 - ada_steps / u[-1].item(), "histogram": {int(k): int(c) for k, c in zip(u, hist)},
+        "per_template": per_template,
+        "oracle": {"accuracy": float(eval_acc[rows, oracle].mean()), "mean_steps": float(u[oracle].mean())},
+        "random_same_histogram": {"accuracy": float(eval_acc[rows, rand].mean()), "mean_steps": float(u[rand].mean())},
+        "policy_train_seconds": train_s, "ladder_seconds": {"eval": eval_ladder.seconds,
+                                                          "train": train_ladder.seconds if train_ladder else 0},
+    }  # fmt: skip
+    se = (ada_acc * (1 - ada_acc) / len(held_out)) ** 0.5
+    print(f"model {args.model} (weights {figures['weights']}), sampler {args.sampler}, guidance {args.guidance:g}, "
+          f"U = {list(config.candidates)}, IQS {args.quality}, λ {config.quality_weight:g}, k {config.k}, "
+          f"flat rows {config.flat_rows}, "
+          f"protocol {args.protocol}: training prompts {n_train}, {len(held_out)} held-out prompts")  # fmt: skip
+    print("\n| policy | probe accuracy | mean steps | UNet evals / image |")
+    print("|---|---|---|---|")
+    nfe = 2 if args.guidance > 1 else 1
+    for k, a in fixed.items():
+        print(f"| fixed {k} | {100 * a:.1f}% | {k} | {k * nfe} |")
+    print(f"| **adaptive** | **{100 * ada_acc:.1f}% ± {100 * se:.1f}** | **{ada_steps:.2f}** | {ada_steps * nfe:.2f} |")
+    o = figures["oracle"]
+    r = figures["random_same_histogram"]
+    print(f"| random, same histogram | {100 * r['accuracy']:.1f}% | {r['mean_steps']:.2f} | |")
+    print(f"| oracle argmax R (upper bound) | {100 * o['accuracy']:.1f}% | {o['mean_steps']:.2f} | |")
+    print(f"\nsmallest fixed u within 1 point of adaptive accuracy: {matched}; steps saved: {100 * saving:.1f}%")
+    if equal:
+        print(f"fixed steps at exactly the adaptive accuracy (linear between fixed counts): {equal:.2f}; "
+              f"steps saved: {100 * figures['steps_saved_vs_equal_accuracy']:.1f}%")  # fmt: skip
+    print("\n| template | prompts | adaptive mean steps | adaptive accuracy | " +
+          " | ".join(f"fixed {k}" for k in config.candidates) + " |")  # fmt: skip
+    print("|---" * (4 + len(config.candidates)) + "|")
+    for t, d in per_template.items():
+        print(f"| {t} | {d['n']} | {d['mean_steps']:.2f} | {100 * d['adaptive_accuracy']:.1f}% | " +
+              " | ".join(f"{100 * a:.1f}%" for a in d["fixed_accuracy"].values()) + " |")  # fmt: skip
+    print(f"\nhistogram of chosen steps: {figures['histogram']}; policy training {train_s:.1f} s; ladders "
+          f"{figures['ladder_seconds']} s (as first rendered)")  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""The Adaptive steps tab without a browser (random tiny pipeline): train a policy from the tab, a prompt's step
+distribution and ladder, a prompt set, bad input; adaptive steps in the Sample tab; the CLI ``adapt-train`` and
+``sample --adaptive``."""
+
+from __future__ import annotations
+
+import pytest
+
+from finetuners import adadiff as ad
+from finetuners.__main__ import main as cli
+from ui.adaptive_tab import (
+    histogram_figure,
+    on_prompt,
+    on_prompt_set,
+    on_train,
+    policy_choices,
+    probs_figure,
+    quality_figure,
+    run_prompt,
+    run_prompt_set,
+    train_steps,
+)
+from ui.backend import Backend, Settings
+from ui.sample_tab import run_sample
+
+
+@pytest.fixture(scope="module")
+def backend(random_pipeline_dir, tmp_path_factory) -> Backend:
+    data = tmp_path_factory.mktemp("data")
+    return Backend(Settings(model=str(random_pipeline_dir), device="cpu", max_batch=4, data_dir=data))
+
+
+@pytest.fixture(scope="module")
+def trained(backend) -> str:
+    """A policy trained from the tab's handler: 4 prompts × 1 seed at 1 and 2 steps."""
+    model = backend.settings.model
+    updates = list(train_steps(backend, model, "tiny", 4, 1, "2, 1", 5, 1.0))
+    assert "ladder" in updates[1][0] and updates[-1][1] is not None and "saved tiny" in updates[-1][0]
+    assert len(updates[-1][1]) == 5  # one history record per epoch
+    return "tiny"
+
+
+def test_training_from_the_tab_saves_a_policy(backend, trained):
+    folder = backend.settings.data_dir / "policies" / trained
+    assert sorted(f.name for f in folder.iterdir()) == ["config.json", "policy.safetensors", "table.safetensors"]
+    _, config, meta = ad.load_policy(folder)
+    assert config.candidates == (1, 2) and meta["prompts"] == 4
+    assert policy_choices(backend) == [trained]
+
+
+def test_a_prompt_shows_probabilities_the_choice_and_every_candidate(backend, trained):
+    view = run_prompt(backend, backend.settings.model, trained, "a red circle above a blue square", 3)
+    assert view.candidates == (1, 2) and abs(sum(view.probs) - 1) < 1e-5 and view.chosen in (1, 2)
+    assert len(view.images) == 2 and "← chosen" in "".join(c for _, c in view.images)
+    assert view.scores is not None and all(s in (0.0, 1.0) for s in view.scores)  # probe accuracy of a Shapes prompt
+    fig = probs_figure(view)
+    assert list(fig.data[0].y) == pytest.approx(view.probs)
+    # a prompt the probe cannot read: images without scores, no error
+    other = run_prompt(backend, backend.settings.model, trained, "a photo of a cat", 0)
+    assert other.scores is None and "no quality scores" in other.info
+
+
+def test_a_prompt_set_gives_the_histogram_nfe_and_quality_curve(backend, trained):
+    view = run_prompt_set(backend, backend.settings.model, trained, "", 8)
+    assert sum(view.histogram) == 8 and len(view.fixed_quality) == 2 and 0 <= view.adaptive_quality <= 1
+    assert "network evaluations per image" in view.info
+    assert histogram_figure(view).data[0].y is not None and len(quality_figure(view).data) == 2
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (dict(policy=None), "no policy chosen"),
+        (dict(policy="../etc"), "invalid policy name"),
+        (dict(policy="missing"), "does not exist"),
+        (dict(prompt="  "), "prompt is empty"),
+        (dict(seed=-1), "seed must be a whole number between"),
+    ],
+)
+def test_bad_prompt_input_gives_a_message(backend, trained, args, message):
+    a = {"policy": trained, "prompt": "a red circle", "seed": 0, **args}
+    with pytest.raises(ad.UserError, match=message):
+        run_prompt(backend, backend.settings.model, a["policy"], a["prompt"], a["seed"])
+    out = on_prompt(backend, backend.settings.model, a["policy"], a["prompt"], a["seed"])
+    assert message.split()[0] in out[-1] and "Traceback" not in out[-1]
+
+
+@pytest.mark.parametrize(
+    "candidates, message",
+    [("", "empty"), ("0 1 2", "must be positive"), ("1 2 2", "must be distinct"), ("1 two", "whole numbers")],
+)
+def test_bad_training_input_gives_a_message_and_saves_nothing(backend, candidates, message):
+    updates = list(on_train(backend, backend.settings.model, "new-one", 4, 1, candidates, 5, 1.0))
+    assert len(updates) == 1 and message in updates[0][2]
+    assert not (backend.settings.data_dir / "policies" / "new-one").exists()
+    updates = list(on_train(backend, backend.settings.model, "new-one", 4, 1, "1 2", 5, -1.0))
+    assert "must be a number ≥ 0, got -1.0" in updates[0][2]
+
+
+def test_an_existing_name_is_refused(backend, trained):
+    updates = list(on_train(backend, backend.settings.model, trained, 4, 1, "1 2", 5, 1.0))
+    assert "already exists" in updates[0][2]
+
+
+def test_prompt_set_with_typed_prompts(backend, trained):
+    out = on_prompt_set(backend, backend.settings.model, trained, "a red circle\na blue square on the left", 8)
+    assert out[-1] == "" and "2 prompts" in out[2]
+
+
+def test_sample_tab_uses_the_policy_for_its_steps(backend, trained):
+    view = run_sample(backend, backend.settings.model, "a red circle", "", 50, "ddim-trailing", 0.0, 3.0, 0, 1,
+                      adaptive=trained)  # fmt: skip
+    assert "adaptive steps: policy" in view.info and "50 steps" not in view.info
+    plain = run_sample(backend, backend.settings.model, "a red circle", "", 3, "ddim-trailing", 0.0, 3.0, 0, 1,
+                       adaptive="off")  # fmt: skip
+    assert "3 steps" in plain.info and "adaptive" not in plain.info
+
+
+def test_cli_adapt_train_then_sample_adaptive(random_pipeline_dir, tmp_path, capsys):
+    out = tmp_path / "policies" / "cli"
+    args = ["adapt-train", "--model", str(random_pipeline_dir), "--out", str(out), "--prompts", "3",
+            "--candidates", "1", "2", "--seeds", "1", "--epochs", "3"]  # fmt: skip
+    assert cli(args) == 0
+    assert (out / "policy.safetensors").is_file()
+    assert cli(args) == 2  # the folder is not empty now
+    assert "already holds files" in capsys.readouterr().err
+    assert cli(["sample", "--model", str(random_pipeline_dir), "--adaptive", str(out), "--prompt", "a red circle",
+                "--sampler", "ddim-trailing", "--out", str(tmp_path / "img")]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert "adaptive steps:" in err and (tmp_path / "img" / "seed0.png").is_file()
+    assert cli(["adapt-train", "--out", str(tmp_path / "x"), "--candidates", "1", "1"]) == 2
+    assert "must be distinct" in capsys.readouterr().err
+    assert cli(["sample", "--adaptive", str(tmp_path / "none"), "--prompt", "a red circle",
+                "--model", str(random_pipeline_dir)]) == 2  # fmt: skip
+    assert "does not exist" in capsys.readouterr().err

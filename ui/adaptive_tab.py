@@ -1,0 +1,505 @@
+"""The Adaptive steps tab: AdaDiff (ALGORITHMS.md §3) — how many denoising steps each prompt needs.
+
+Three panels over one saved policy (``<data_dir>/policies/<name>/``):
+- **A prompt**: the policy's probabilities over the candidate step counts (a bar chart), the chosen count, and the
+  image at every candidate count with its quality score (the policy's IQS, e.g. the Shapes probe's accuracy).
+- **A prompt set**: a histogram of the chosen step counts, the average network evaluations, and quality against
+  steps for the adaptive policy and every fixed step count (one ladder per prompt, same seeds everywhere).
+- **Train**: render and score the training prompts' ladders (live progress), then REINFORCE on the cached table
+  (milliseconds per epoch), and save the policy.
+
+The handlers (``run_prompt``, ``run_prompt_set``, ``train_steps``) are plain Python raising ``UserError``; the
+``on_*`` adapters turn errors into a message in the tab and a warning toast. The UI does no tensor math beyond
+indexing the library's results.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import gradio as gr
+
+from finetuners import adadiff as ad
+from finetuners.errors import UserError
+from finetuners.generate import MAX_PROMPT_CHARS
+
+from .backend import Backend
+from .common import attempt, error_markdown, random_seed
+from .images import to_display
+
+log = logging.getLogger(__name__)
+
+POLICIES_DIR = "policies"
+CHUNK = 32  # prompts per locked rendering call: other users' clicks get the model between chunks
+MAX_SET_PROMPTS = 500
+MAX_TRAIN_PROMPTS = 2000
+COLORS = {"fixed": "#6b7280", "adaptive": "#2563eb", "chosen": "#2563eb", "other": "#93c5fd"}
+
+
+def policies_root(backend: Backend):
+    return backend.settings.data_dir / POLICIES_DIR
+
+
+def policy_choices(backend: Backend) -> list[str]:
+    return ad.list_policies(policies_root(backend))
+
+
+def load_named(backend: Backend, name) -> tuple[ad.StepPolicy, ad.AdaDiffConfig, dict]:
+    if not name:
+        raise UserError("no policy chosen: train one below, or pick one from the list")
+    return ad.load_policy(ad.policy_path(policies_root(backend), name))
+
+
+def _prompt(text) -> str:
+    text = (text or "").strip()
+    if not text:
+        raise UserError("the prompt is empty: type what the image should show")
+    if len(text) > MAX_PROMPT_CHARS:
+        raise UserError(f"the prompt is too long ({len(text)} characters; at most {MAX_PROMPT_CHARS})")
+    return text
+
+
+def _whole(name: str, value, lo: int, hi: int) -> int:
+    if value is None or value == "" or isinstance(value, bool):
+        raise UserError(f"{name} is empty: enter a whole number")
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{name} must be a whole number, got {value!r}") from None
+    if not v.is_integer() or not lo <= v <= hi:
+        raise UserError(f"{name} must be a whole number between {lo} and {hi}, got {value}")
+    return int(v)
+
+
+def _weight(value) -> float:
+    if value is None or value == "" or isinstance(value, bool):
+        raise UserError("the quality weight λ is empty: enter a number ≥ 0")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"the quality weight λ must be a number ≥ 0, got {value!r}") from None
+
+
+def parse_candidates(text) -> tuple[int, ...]:
+    """'1 2 4 8' or '1, 2, 4, 8' → (1, 2, 4, 8), validated (``UserError`` for empty, non-positive or duplicates)."""
+    parts = (text or "").replace(",", " ").split()
+    values = []
+    for p in parts:
+        try:
+            values.append(int(p))
+        except ValueError:
+            raise UserError(f"candidate step counts must be whole numbers, got {p!r}") from None
+    return ad.AdaDiffConfig(candidates=tuple(values)).candidates
+
+
+def _iqs(config: ad.AdaDiffConfig):
+    """The policy's IQS, or None where its weights are missing (then images are shown without scores)."""
+    try:
+        return ad.make_iqs(config.quality)
+    except UserError as e:
+        log.info("no quality scores: %s", e)
+        return None
+
+
+def _score(iqs, images, prompts) -> list[float] | None:
+    """Scores of the images, or None when the IQS cannot read these prompts (e.g. not Shapes captions)."""
+    if iqs is None:
+        return None
+    try:
+        return iqs(images, prompts).tolist()
+    except ValueError as e:
+        log.info("no quality scores: %s", e)
+        return None
+
+
+def _ladder(backend: Backend, model, prompts: list[str], seeds, config: ad.AdaDiffConfig, progress=None):
+    """Images [P, S, N, 3, H, W] at every candidate, rendered chunk by chunk under the model's lock; yields the
+    fraction done after each chunk and returns the ladder (a generator: ``yield from``)."""
+    import torch
+
+    n_s = seeds.shape[1]
+    images = None
+    total = len(prompts) * n_s * sum(config.candidates)
+    done = 0
+    for j, u in enumerate(config.candidates):
+        for lo in range(0, len(prompts), CHUNK):
+            ps = [p for p in prompts[lo : lo + CHUNK] for _ in range(n_s)]
+            ss = seeds[lo : lo + CHUNK].flatten().tolist()
+            x, _ = backend.run_with([model], lambda pipe, ps=ps, ss=ss, u=u: ad.render(
+                pipe, ps, ss, u, config.sampler, config.guidance))  # fmt: skip
+            if images is None:
+                images = torch.zeros(len(prompts), n_s, len(config.candidates), *x.shape[1:])
+            images[lo : lo + CHUNK, :, j] = x.view(-1, n_s, *x.shape[1:])
+            done += u * len(ps)
+            yield done / total, f"{u} step{'s' * (u > 1)}: prompts {lo + 1}–{lo + len(ps) // n_s} of {len(prompts)}"
+    return images
+
+
+def _drain(gen, progress=None):
+    """Run a ``_ladder`` generator to its return value, reporting to ``progress`` (gr.Progress) if given."""
+    while True:
+        try:
+            fraction, text = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        if progress is not None:
+            progress(fraction, desc=text)
+
+
+def choose_for_prompt(backend: Backend, model: str, policy_name: str, request):
+    """(``request`` with the policy's step count, a Markdown line saying so): adaptive steps for the Sample tab."""
+    from dataclasses import replace
+
+    policy, _, _ = load_named(backend, policy_name)
+    steps, probs = backend.run_with([model], lambda pipe: ad.choose_steps(pipe, policy, [request.prompt]))
+    p = ", ".join(f"{u}: {q:.2f}" for u, q in zip(policy.candidates, probs[0].tolist()))
+    return replace(request, steps=steps[0]), f"adaptive steps: policy **{policy_name}** chose {steps[0]} (π = {p})"
+
+
+# -- a prompt ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PromptView:
+    probs: list[float]
+    candidates: tuple[int, ...]
+    chosen: int
+    images: list[tuple]  # (PIL, caption) per candidate
+    scores: list[float] | None
+    info: str
+
+
+def run_prompt(backend: Backend, model, policy_name, prompt, seed, progress=None) -> PromptView:
+    prompt = _prompt(prompt)
+    seed = _whole("seed", seed, 0, 2**32 - 1)
+    model = backend.check_model(model)
+    policy, config, _ = load_named(backend, policy_name)
+    if progress is not None:
+        progress(0, desc="choosing steps")
+    steps, probs = backend.run_with([model], lambda pipe: ad.choose_steps(pipe, policy, [prompt]))
+    import torch
+
+    images = _drain(_ladder(backend, model, [prompt], torch.tensor([[seed]]), config), progress)[0, 0]  # [N, …]
+    scores = _score(_iqs(config), images, [prompt] * len(config.candidates))
+    px = backend.settings.display_px // 2
+    gallery = []
+    for j, u in enumerate(config.candidates):
+        mark = " ← chosen" if u == steps[0] else ""
+        score = f" · q {scores[j]:.2f}" if scores is not None else ""
+        gallery.append((to_display(images[j], px), f"{u} step{'s' * (u > 1)}{score}{mark}"))
+    p = probs[0].tolist()
+    info = (f"**Chosen: {steps[0]} steps** (π = {max(p):.2f}) · candidates {list(config.candidates)} · "
+            f"sampler `{config.sampler}`, guidance {config.guidance:g}, seed {seed}")  # fmt: skip
+    if scores is None:
+        info += f"  \nno quality scores: {config.quality} cannot score this prompt"
+    return PromptView(p, config.candidates, steps[0], gallery, scores, info)
+
+
+def probs_figure(view: PromptView):
+    import plotly.graph_objects as go
+
+    colors = [COLORS["chosen"] if u == view.chosen else COLORS["other"] for u in view.candidates]
+    fig = go.Figure(go.Bar(x=[str(u) for u in view.candidates], y=view.probs, marker_color=colors,
+                           hovertemplate="%{x} steps: π = %{y:.3f}<extra></extra>"))  # fmt: skip
+    fig.update_layout(title=dict(text="π(steps | prompt)", font=dict(size=14)), template="plotly_white", height=300,
+                      margin=dict(l=48, r=16, t=44, b=44), yaxis=dict(range=[0, 1], title="probability"),
+                      xaxis=dict(title="steps", type="category"))  # fmt: skip
+    return fig
+
+
+# -- a prompt set --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SetView:
+    candidates: tuple[int, ...]
+    histogram: list[int]  # prompts per candidate
+    fixed_quality: list[float] | None  # mean IQS at every fixed u
+    adaptive_quality: float | None
+    mean_steps: float
+    info: str
+
+
+def set_prompts(text, n) -> list[str]:
+    """The prompts typed (one per line), or the first ``n`` held-out Shapes prompts when none are."""
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    if lines:
+        if len(lines) > MAX_SET_PROMPTS:
+            raise UserError(f"at most {MAX_SET_PROMPTS} prompts, got {len(lines)}")
+        return [_prompt(p) for p in lines]
+    from finetuners.shapes.world import eval_prompts
+
+    return eval_prompts(_whole("number of prompts", n, 1, MAX_SET_PROMPTS))
+
+
+def run_prompt_set(backend: Backend, model, policy_name, prompts_text, n, progress=None) -> SetView:
+    import torch
+
+    model = backend.check_model(model)
+    policy, config, _ = load_named(backend, policy_name)
+    prompts = set_prompts(prompts_text, n)
+    steps, _ = backend.run_with([model], lambda pipe: ad.choose_steps(pipe, policy, prompts))
+    idx = torch.tensor([config.candidates.index(s) for s in steps])
+    hist = torch.bincount(idx, minlength=len(config.candidates)).tolist()
+    mean_steps = sum(steps) / len(steps)
+    nfe = mean_steps * (2 if config.guidance > 1 else 1)
+    iqs = _iqs(config)
+    fixed = adaptive = None
+    if iqs is not None:
+        images = _drain(_ladder(backend, model, prompts, torch.arange(len(prompts))[:, None], config), progress)
+        p, _, n_c = images.shape[:3]
+        scores = _score(iqs, images.flatten(0, 2), [q for q in prompts for _ in range(n_c)])
+        if scores is not None:
+            table = torch.tensor(scores).view(p, n_c)
+            fixed = table.mean(0).tolist()
+            adaptive = float(table[torch.arange(p), idx].mean())
+    u_max = config.candidates[-1]
+    info = (f"**{len(prompts)} prompts · mean {mean_steps:.2f} steps** ({nfe:.2f} network evaluations per image; "
+            f"fixed {u_max} steps: {u_max * (2 if config.guidance > 1 else 1)}) · "
+            f"{100 * (1 - mean_steps / u_max):.0f}% fewer steps than {u_max}")  # fmt: skip
+    if adaptive is not None:
+        matched = next((u for u, q in zip(config.candidates, fixed) if q >= adaptive - 0.01), None)
+        info += f"  \nadaptive {config.quality} {adaptive:.3f}; fixed: " + ", ".join(
+            f"{u}→{q:.3f}" for u, q in zip(config.candidates, fixed))  # fmt: skip
+        if matched is not None:
+            info += (f"  \nsmallest fixed count within 0.01 of adaptive: **{matched}** → "
+                     f"**{100 * (1 - mean_steps / matched):.0f}% fewer steps** at matched quality")  # fmt: skip
+    else:
+        info += f"  \nno quality curve: {config.quality} cannot score these prompts"
+    return SetView(config.candidates, hist, fixed, adaptive, mean_steps, info)
+
+
+def histogram_figure(view: SetView):
+    import plotly.graph_objects as go
+
+    fig = go.Figure(go.Bar(x=[str(u) for u in view.candidates], y=view.histogram, marker_color=COLORS["adaptive"],
+                           hovertemplate="%{x} steps: %{y} prompts<extra></extra>"))  # fmt: skip
+    fig.update_layout(title=dict(text="chosen step counts", font=dict(size=14)), template="plotly_white", height=300,
+                      margin=dict(l=48, r=16, t=44, b=44), yaxis=dict(title="prompts"),
+                      xaxis=dict(title="steps", type="category"))  # fmt: skip
+    return fig
+
+
+def quality_figure(view: SetView):
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    if view.fixed_quality is not None:
+        fig.add_trace(go.Scatter(x=list(view.candidates), y=view.fixed_quality, mode="lines+markers",
+                                 name="fixed steps", line=dict(color=COLORS["fixed"])))  # fmt: skip
+        fig.add_trace(go.Scatter(x=[view.mean_steps], y=[view.adaptive_quality], mode="markers", name="adaptive",
+                                 marker=dict(color=COLORS["adaptive"], size=14, symbol="star")))  # fmt: skip
+    fig.update_layout(title=dict(text="quality vs mean steps", font=dict(size=14)), template="plotly_white",
+                      height=300, margin=dict(l=48, r=16, t=44, b=44), xaxis=dict(title="mean steps"),
+                      yaxis=dict(title="quality"), legend=dict(orientation="h", y=-0.25))  # fmt: skip
+    return fig
+
+
+# -- training ------------------------------------------------------------------------------------------------------
+
+
+def train_steps(backend: Backend, model, name, n_prompts, seeds, candidates_text, epochs, quality_weight,
+                quality="shapes-accuracy") -> Iterator[tuple[str, list[dict] | None]]:  # fmt: skip
+    """Render the ladders, train, save: yields (status Markdown, training history or None) as it goes."""
+    from finetuners.shapes.world import eval_prompts
+
+    model = backend.check_model(model)
+    folder = ad.policy_path(policies_root(backend), (name or "").strip())
+    if folder.exists():
+        raise UserError(f"a policy named {folder.name!r} already exists: choose another name")
+    n_prompts = _whole("training prompts", n_prompts, 1, MAX_TRAIN_PROMPTS)
+    config = ad.AdaDiffConfig(candidates=parse_candidates(candidates_text), quality=quality,
+                              num_seeds=_whole("seeds per prompt", seeds, 1, 8),
+                              epochs=_whole("epochs", epochs, 1, 5000),
+                              quality_weight=_weight(quality_weight))  # fmt: skip
+    iqs = ad.make_iqs(config.quality)
+    prompts = ad.training_prompts(n_prompts, exclude=eval_prompts(1000))
+    seeds = ad.ladder_seeds(len(prompts), config.num_seeds)
+    yield f"rendering {len(prompts)} prompts × {config.num_seeds} seeds at {list(config.candidates)} steps…", None
+    ladder_gen = _ladder(backend, model, prompts, seeds, config)
+    while True:
+        try:
+            fraction, text = next(ladder_gen)
+        except StopIteration as stop:
+            images = stop.value
+            break
+        yield f"**ladder {100 * fraction:.0f}%** — {text}", None
+    p, s, n = images.shape[:3]
+    scores = iqs(images.flatten(0, 2), [q for q in prompts for _ in range(s * n)]).view(p, s, n)
+    ladder = ad.Ladder(prompts, seeds, config.candidates, scores)
+    rewards = ad.config_rewards(ladder.quality, config)
+    features = backend.run_with([model], lambda pipe: ad.text_features(pipe, prompts))
+    yield "training the policy on the cached reward table…", None
+    result = ad.train_policy(features, rewards, config)
+    last = result.history[-1]
+    meta = {"model": model, "prompts": len(prompts), "final": last}
+    ad.save_policy(folder, result.policy, config, meta, ladder)
+    yield (f"**saved {folder.name}** · {len(prompts)} prompts × {config.num_seeds} seeds · expected reward "
+           f"{last['expected_reward']:.3f} · mean steps {last['mean_steps']:.2f} on the training prompts"), \
+        result.history  # fmt: skip
+
+
+def history_figure(history: list[dict]):
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    x = [r["epoch"] for r in history]
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    fig.add_trace(go.Scatter(x=x, y=[r["expected_reward"] for r in history], name="expected reward",
+                             line=dict(color=COLORS["adaptive"])), secondary_y=False)  # fmt: skip
+    fig.add_trace(go.Scatter(x=x, y=[r["mean_steps"] for r in history], name="mean steps (argmax)",
+                             line=dict(color=COLORS["fixed"], dash="dot")), secondary_y=True)  # fmt: skip
+    fig.update_layout(title=dict(text="policy training", font=dict(size=14)), template="plotly_white", height=300,
+                      margin=dict(l=48, r=48, t=44, b=44), legend=dict(orientation="h", y=-0.25))  # fmt: skip
+    fig.update_xaxes(title_text="epoch")
+    fig.update_yaxes(title_text="E_π[R]", secondary_y=False)
+    fig.update_yaxes(title_text="steps", secondary_y=True)
+    return fig
+
+
+# -- Gradio adapters -------------------------------------------------------------------------------------------
+
+
+def on_prompt(backend: Backend, model, policy_name, prompt, seed, progress=None) -> tuple:
+    """Updates for (bar chart, info, gallery, error)."""
+    view, message = attempt("choosing steps", run_prompt, backend, model, policy_name, prompt, seed, progress)
+    if message is None:
+        return probs_figure(view), view.info, gr.update(value=view.images), ""
+    gr.Warning(message)
+    return gr.skip(), gr.skip(), gr.skip(), error_markdown(message, "Cannot choose steps")
+
+
+def on_prompt_set(backend: Backend, model, policy_name, prompts_text, n, progress=None) -> tuple:
+    """Updates for (histogram, quality plot, info, error)."""
+    view, message = attempt("evaluating the policy", run_prompt_set, backend, model, policy_name, prompts_text, n,
+                            progress)  # fmt: skip
+    if message is None:
+        return histogram_figure(view), quality_figure(view), view.info, ""
+    gr.Warning(message)
+    return gr.skip(), gr.skip(), gr.skip(), error_markdown(message, "Cannot evaluate")
+
+
+def on_train(backend: Backend, model, name, n_prompts, seeds, candidates, epochs, quality_weight):
+    """A generator of updates for (status, training plot, error, policy picker)."""
+    gen = train_steps(backend, model, name, n_prompts, seeds, candidates, epochs, quality_weight)
+    while True:
+        step, message = attempt("training the policy", next, gen, None)
+        if message is None and step is None:
+            return
+        if message is not None:
+            gr.Warning(message)
+            yield gr.skip(), gr.skip(), error_markdown(message, "Cannot train"), gr.skip()
+            return
+        status, history = step
+        if history is None:
+            yield status, gr.skip(), "", gr.skip()
+        else:
+            choices = policy_choices(backend)
+            yield status, history_figure(history), "", gr.update(choices=choices, value=(name or "").strip())
+            return
+
+
+# -- layout ----------------------------------------------------------------------------------------------------
+
+
+def build_adaptive_tab(backend: Backend) -> gr.Tab:
+    """Add the Adaptive steps tab to the enclosing ``gr.Blocks``."""
+    settings = backend.settings
+    choices = policy_choices(backend)
+    with gr.Tab("Adaptive steps", id="adaptive", elem_id="adaptive-tab") as tab:
+        with gr.Row(equal_height=False):
+            model = gr.Dropdown(choices=backend.model_choices(), value=settings.model, label="Model / checkpoint",
+                                elem_id="adaptive-model")  # fmt: skip
+            policy = gr.Dropdown(choices=choices, value=choices[-1] if choices else None, label="Policy",
+                                 elem_id="adaptive-policy",
+                                 info=f"saved in {policies_root(backend)}/; train one below")  # fmt: skip
+        error = gr.Markdown("", elem_id="adaptive-error", elem_classes=["error-text"])
+        with gr.Accordion("A prompt: the policy's choice and the image at every step count", open=True):
+            with gr.Row(equal_height=False):
+                with gr.Column(scale=2, min_width=300):
+                    prompt = gr.Textbox(label="Prompt", lines=1, max_lines=4, elem_id="adaptive-prompt",
+                                        placeholder="a red circle above a blue square")  # fmt: skip
+                    with gr.Row(equal_height=False):
+                        seed = gr.Number(value=0, precision=0, label="Seed", elem_id="adaptive-seed", scale=3)
+                        dice = gr.Button("Random", scale=0, min_width=80, size="sm", elem_id="adaptive-random-seed")
+                    choose = gr.Button("Choose steps", variant="primary", elem_id="adaptive-choose")
+                    info = gr.Markdown("", elem_id="adaptive-info")
+                with gr.Column(scale=3, min_width=360):
+                    probs_plot = gr.Plot(elem_id="adaptive-probs", show_label=False)
+            ladder = gr.Gallery(label="The image at every candidate step count (same seed)", columns=8,
+                                fit_columns=False, object_fit="contain", format="png", elem_id="adaptive-ladder",
+                                elem_classes=["pixel-gallery"])  # fmt: skip
+        with gr.Accordion("A prompt set: chosen steps, network evaluations, quality against fixed steps", open=False):
+            with gr.Row(equal_height=False):
+                with gr.Column(scale=2, min_width=300):
+                    set_text = gr.Textbox(label="Prompts, one per line", lines=3, elem_id="adaptive-set-prompts",
+                                          placeholder="empty: the held-out Shapes prompts")  # fmt: skip
+                    set_n = gr.Slider(8, MAX_SET_PROMPTS, value=64, step=8, precision=0, label="Held-out prompts",
+                                      elem_id="adaptive-set-n")  # fmt: skip
+                    evaluate = gr.Button("Evaluate", elem_id="adaptive-evaluate")
+                    set_info = gr.Markdown("", elem_id="adaptive-set-info")
+                with gr.Column(scale=3, min_width=360):
+                    with gr.Row():
+                        hist_plot = gr.Plot(elem_id="adaptive-histogram", show_label=False)
+                        quality_plot = gr.Plot(elem_id="adaptive-quality", show_label=False)
+        with gr.Accordion("Train a policy (AdaDiff: REINFORCE on quality minus step cost)", open=not choices):
+            with gr.Row(equal_height=False):
+                with gr.Column(scale=2, min_width=300):
+                    name = gr.Textbox(label="Name", value="shapes", elem_id="adaptive-name")
+                    candidates = gr.Textbox(label="Candidate step counts", value="1 2 3 4 6 8",
+                                            elem_id="adaptive-candidates")  # fmt: skip
+                    with gr.Row():
+                        n_prompts = gr.Number(value=64, precision=0, label="Training prompts",
+                                              elem_id="adaptive-train-prompts")  # fmt: skip
+                        n_seeds = gr.Number(value=2, precision=0, label="Seeds per prompt", elem_id="adaptive-seeds")
+                    with gr.Row():
+                        epochs = gr.Number(value=300, precision=0, label="Epochs", elem_id="adaptive-epochs")
+                        weight = gr.Number(value=1.0, label="Quality weight λ", elem_id="adaptive-lambda")
+                    with gr.Row():
+                        train = gr.Button("Train", variant="primary", elem_id="adaptive-train")
+                        stop = gr.Button("Stop", elem_id="adaptive-stop")
+                    status = gr.Markdown("", elem_id="adaptive-status")
+                with gr.Column(scale=3, min_width=360):
+                    train_plot = gr.Plot(elem_id="adaptive-train-plot", show_label=False)
+
+        events = dict(concurrency_id="generate", concurrency_limit=settings.concurrency)
+
+        def prompt_fn(model, policy, prompt, seed, progress=gr.Progress()):
+            return on_prompt(backend, model, policy, prompt, seed, progress)
+
+        def set_fn(model, policy, text, n, progress=gr.Progress()):
+            return on_prompt_set(backend, model, policy, text, n, progress)
+
+        def train_fn(model, name, n_prompts, n_seeds, candidates, epochs, weight):
+            yield from on_train(backend, model, name, n_prompts, n_seeds, candidates, epochs, weight)
+
+        prompt_outputs = [probs_plot, info, ladder, error]
+        choose.click(prompt_fn, [model, policy, prompt, seed], prompt_outputs, api_name="adaptive_steps", **events)
+        prompt.submit(prompt_fn, [model, policy, prompt, seed], prompt_outputs, api_visibility="private", **events)
+        evaluate.click(set_fn, [model, policy, set_text, set_n], [hist_plot, quality_plot, set_info, error],
+                       api_name="adaptive_set", **events)  # fmt: skip
+        training = train.click(train_fn, [model, name, n_prompts, n_seeds, candidates, epochs, weight],
+                               [status, train_plot, error, policy], api_name="adaptive_train", **events)  # fmt: skip
+        stop.click(lambda: "stopped", None, [status], cancels=[training], queue=False)
+        dice.click(random_seed, None, [seed], queue=False)
+
+        def refresh(current):
+            found = policy_choices(backend)
+            return gr.update(choices=found, value=current if current in found else (found[-1] if found else None))
+
+        tab.select(refresh, [policy], [policy], queue=False)
+    return tab
+
+
+if __name__ == "__main__":  # this tab alone: python -m ui.adaptive_tab [model]
+    import sys
+
+    from .backend import Settings
+
+    alone = Backend(Settings(model=sys.argv[1] if len(sys.argv) > 1 else "shapes"))
+    alone.preload()
+    with gr.Blocks(title="finetuners · Adaptive steps") as demo:
+        build_adaptive_tab(alone)
+    demo.queue().launch()
