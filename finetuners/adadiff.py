@@ -375,8 +375,8 @@ def render(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, sampl
     """One deterministic (η = 0) sample per (prompt, seed) pair, prompts may differ → (images [B, 3, H, W] in
     [0, 1], UNet rows evaluated). Image b equals ``generate(SampleRequest(prompts[b], steps, seed=seeds[b],
     …)).images[0]``."""
-    from .denoisers import CFGDenoiser, CountingDenoiser, UNetDenoiser
-    from .generate import _CastDenoiser, decode, encode, sampler_setup, schedule_tensors
+    from .denoisers import CFGDenoiser, CountingDenoiser, unet_denoiser
+    from .generate import decode, encode, sampler_setup, schedule_tensors
     from .sampling import initial_noise, sample_loop
 
     guided = guidance > 1.0
@@ -387,7 +387,7 @@ def render(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, sampl
     shape = (len(prompts), unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
     x_T = initial_noise(shape, gens, pipe.device, dtype=torch.float32)
-    counter = CountingDenoiser(_CastDenoiser(UNetDenoiser(unet), unet.dtype))
+    counter = CountingDenoiser(unet_denoiser(unet))
     denoiser = CFGDenoiser(counter, uncond, guidance)
     final, _ = sample_loop(denoiser, x_T, cond, ts, alphas, step_kind=kind, eta=0.0,
                            prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"),

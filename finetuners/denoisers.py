@@ -18,6 +18,22 @@ class Denoiser(Protocol):
 
 
 @dataclass
+class CastDenoiser:
+    """Run the inner denoiser in ``dtype`` (fp16/bf16 on a GPU) while the step maths stays in fp32."""
+
+    inner: Denoiser
+    dtype: torch.dtype
+
+    def __call__(self, x: torch.Tensor, t, cond: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.to(self.dtype), t, cond.to(self.dtype)).float()
+
+
+def unet_denoiser(unet: torch.nn.Module) -> CastDenoiser:
+    """A UNet as a denoiser in its own dtype, returning fp32: what every sampler and trainer runs."""
+    return CastDenoiser(UNetDenoiser(unet), unet.dtype)
+
+
+@dataclass
 class UNetDenoiser:
     """A diffusers ``UNet2DConditionModel`` as a denoiser; ``t`` is an int or a [B] tensor."""
 

@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 
-from .denoisers import CFGDenoiser, UNetDenoiser
+from .denoisers import CFGDenoiser, unet_denoiser
 from .errors import UserError
 from .sampling import Trajectory, initial_noise, sample_loop
 from .steps import timesteps
@@ -140,7 +140,7 @@ def generate(pipe, request: SampleRequest, callback=None) -> SampleResult:
     shape = (request.batch, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     generators = [torch.Generator(device="cpu").manual_seed(request.seed + i) for i in range(request.batch)]
     x_T = initial_noise(shape, generators, device, dtype=torch.float32)
-    denoiser = CFGDenoiser(_CastDenoiser(UNetDenoiser(unet), unet.dtype), uncond, request.guidance)
+    denoiser = CFGDenoiser(unet_denoiser(unet), uncond, request.guidance)
     final, traj = sample_loop(
         denoiser, x_T, cond, ts, alphas, step_kind=kind, eta=request.eta,
         prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"),
@@ -156,13 +156,3 @@ def generate(pipe, request: SampleRequest, callback=None) -> SampleResult:
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     return SampleResult(images, strip, traj, seconds, ts, {"sampler": request.sampler, "step_kind": kind})
-
-
-class _CastDenoiser:
-    """Run the UNet in its own dtype (fp16/bf16 on GPU) while the step maths stays in fp32."""
-
-    def __init__(self, inner, dtype: torch.dtype):
-        self.inner, self.dtype = inner, dtype
-
-    def __call__(self, x, t, cond):
-        return self.inner(x.to(self.dtype), t, cond.to(self.dtype)).float()

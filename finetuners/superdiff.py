@@ -31,7 +31,7 @@ from typing import Literal, Protocol
 import numpy as np
 import torch
 
-from .denoisers import CountingDenoiser, Denoiser, UNetDenoiser
+from .denoisers import CountingDenoiser, Denoiser, unet_denoiser
 from .errors import UserError
 from .sampling import initial_noise
 
@@ -525,9 +525,7 @@ def check_compatible(pipe_a, pipe_b) -> None:
 
 
 def _counted(pipe) -> CountingDenoiser:
-    from .generate import _CastDenoiser
-
-    return CountingDenoiser(_CastDenoiser(UNetDenoiser(pipe.unet), pipe.unet.dtype))
+    return CountingDenoiser(unet_denoiser(pipe.unet))
 
 
 @torch.no_grad()

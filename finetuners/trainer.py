@@ -168,8 +168,8 @@ class _Stopped(Exception):
 # ---------------------------------------------------------------------------------------------------
 class Trainer:
     def __init__(self, run_dir: Path, config: TrainConfig, pipe, reward_fn, accuracy_fn, dist: Dist | None = None):
-        from .denoisers import UNetDenoiser
-        from .generate import _CastDenoiser, schedule_tensors
+        from .denoisers import unet_denoiser
+        from .generate import schedule_tensors
         from .lora import add_lora
 
         self.run_dir, self.config, self.cfg, self.pipe = run_dir, config, config.algo, pipe
@@ -187,7 +187,7 @@ class Trainer:
             unet.requires_grad_(True)
             self.params = [p for p in unet.parameters() if p.requires_grad]
         unet.train()
-        self.denoiser = _CastDenoiser(UNetDenoiser(unet), unet.dtype)
+        self.denoiser = unet_denoiser(unet)
         self.optimizer = torch.optim.AdamW(self.params, lr=self.cfg.learning_rate, betas=self.cfg.adam_betas,
                                            weight_decay=self.cfg.weight_decay, eps=self.cfg.adam_eps)  # fmt: skip
         if config.method == "sdpo":
