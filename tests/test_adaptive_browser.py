@@ -8,7 +8,7 @@ import json
 import pytest
 
 from finetuners import adadiff as ad
-from tests.app_process import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, App
+from tests.app_process import ARTIFACTS, CHROMIUM, App, browser_page
 
 pytestmark = [
     pytest.mark.browser,
@@ -29,23 +29,15 @@ def app(tiny_pipeline_dir, tmp_path_factory):
 
 
 def test_adaptive_tab_shows_the_step_distribution(app):
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1100})
-            page.set_default_timeout(30_000)
-            page.goto(app.url)
-            page.get_by_role("tab", name="Adaptive steps").click()
-            page.locator("#adaptive-prompt textarea").fill("a red circle above a blue square")
-            page.locator("#adaptive-choose").click()
-            page.locator("#adaptive-probs .js-plotly-plot").wait_for(timeout=180_000)
-            assert page.locator("#adaptive-probs .js-plotly-plot .bars path").count() == 3  # one bar per candidate
-            page.locator("#adaptive-info").get_by_text("Chosen:").wait_for()
-            page.wait_for_function("() => document.querySelectorAll('#adaptive-ladder img').length >= 3")
-            assert page.locator("#adaptive-error").inner_text().strip() == ""
-            assert "Traceback" not in page.content()
-            ARTIFACTS.mkdir(exist_ok=True)
-            page.screenshot(path=str(ARTIFACTS / "adaptive-tab.png"), full_page=True)
-        finally:
-            browser.close()
+    with browser_page(app.url, height=1100) as page:
+        page.get_by_role("tab", name="Adaptive steps").click()
+        page.locator("#adaptive-prompt textarea").fill("a red circle above a blue square")
+        page.locator("#adaptive-choose").click()
+        page.locator("#adaptive-probs .js-plotly-plot").wait_for(timeout=180_000)
+        assert page.locator("#adaptive-probs .js-plotly-plot .bars path").count() == 3  # one bar per candidate
+        page.locator("#adaptive-info").get_by_text("Chosen:").wait_for()
+        page.wait_for_function("() => document.querySelectorAll('#adaptive-ladder img').length >= 3")
+        assert page.locator("#adaptive-error").inner_text().strip() == ""
+        assert "Traceback" not in page.content()
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "adaptive-tab.png"), full_page=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.app_process import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, App
+from tests.app_process import ARTIFACTS, CHROMIUM, App, browser_page
 
 pytestmark = [
     pytest.mark.browser,
@@ -34,17 +34,9 @@ def app_url(tiny_pipeline_dir, tmp_path_factory, app_data_dir):
 
 @pytest.fixture(scope="module")
 def page(app_url):
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.set_default_timeout(30_000)
-            page.goto(app_url)
-            page.locator("#sample-prompt textarea").wait_for()
-            yield page
-        finally:
-            browser.close()
+    with browser_page(app_url) as page:
+        page.locator("#sample-prompt textarea").wait_for()
+        yield page
 
 
 def test_generate_shows_images_and_the_x0_strip(page):

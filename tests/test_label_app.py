@@ -12,7 +12,7 @@ import time
 import pytest
 
 from finetuners.labels import LabelStore
-from tests.app_process import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, App
+from tests.app_process import ARTIFACTS, CHROMIUM, App, browser_page
 
 gradio_client = pytest.importorskip("gradio_client")
 
@@ -159,59 +159,51 @@ def test_sigkill_mid_labelling_loses_no_acknowledged_label(start, tmp_path):
 @pytest.mark.browser
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="no chromium at /usr/bin/chromium (apt-get install chromium)")
 def test_keyboard_shortcuts_label_and_the_counts_move(start, tmp_path):
-    sync_api = pytest.importorskip("playwright.sync_api")
     app = start(tmp_path / "data")
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1100})
-            page.set_default_timeout(60_000)
-            page.goto(app.url)
-            page.get_by_role("tab", name="Label").click()
-            page.locator("#label-queue textarea").fill("a red circle\na blue square\na green triangle\na red star")
-            steps = page.locator("#label-steps-a input")
-            steps.fill("2")
-            steps.press("Tab")
-            page.locator("#label-generate").click()
-            page.locator("#label-generated").get_by_text("Stored 4 pairs").wait_for()
+    with browser_page(app.url, timeout_ms=60_000, height=1100) as page:
+        page.get_by_role("tab", name="Label").click()
+        page.locator("#label-queue textarea").fill("a red circle\na blue square\na green triangle\na red star")
+        steps = page.locator("#label-steps-a input")
+        steps.fill("2")
+        steps.press("Tab")
+        page.locator("#label-generate").click()
+        page.locator("#label-generated").get_by_text("Stored 4 pairs").wait_for()
 
-            counts = page.locator("#label-counts")
-            page.locator("#label-name").get_by_role("textbox").fill("kim")
-            page.locator("#label-start").click()
-            counts.get_by_text("kim: 0 done").wait_for()
-            page.locator("#label-prompt").click()  # the focus leaves the text field
+        counts = page.locator("#label-counts")
+        page.locator("#label-name").get_by_role("textbox").fill("kim")
+        page.locator("#label-start").click()
+        counts.get_by_text("kim: 0 done").wait_for()
+        page.locator("#label-prompt").click()  # the focus leaves the text field
 
-            def press(key: str, expect: str) -> None:
-                page.keyboard.press(key)
-                page.locator("#label-status").get_by_text(expect).wait_for()
+        def press(key: str, expect: str) -> None:
+            page.keyboard.press(key)
+            page.locator("#label-status").get_by_text(expect).wait_for()
 
-            press("1", "left on pair #1 by kim")
-            counts.get_by_text("kim: 1 done · 3 left").wait_for()
-            press("ArrowRight", "right on pair #2 by kim")
-            press("3", "tie on pair #3 by kim")
-            counts.get_by_text("kim: 3 done · 1 left").wait_for()
-            press("u", "Undid your last label on pair #3")
-            counts.get_by_text("kim: 2 done").wait_for()
-            press("0", "skip on pair #3 by kim")
+        press("1", "left on pair #1 by kim")
+        counts.get_by_text("kim: 1 done · 3 left").wait_for()
+        press("ArrowRight", "right on pair #2 by kim")
+        press("3", "tie on pair #3 by kim")
+        counts.get_by_text("kim: 3 done · 1 left").wait_for()
+        press("u", "Undid your last label on pair #3")
+        counts.get_by_text("kim: 2 done").wait_for()
+        press("0", "skip on pair #3 by kim")
 
-            # Typing in a text field never labels.
-            page.locator("#label-name").get_by_role("textbox").press("End")
-            page.locator("#label-name").get_by_role("textbox").press("2")
-            time.sleep(1.0)
-            assert "kim: 3 done" in counts.inner_text()
-            assert "Traceback" not in page.content()
-            ARTIFACTS.mkdir(exist_ok=True)
-            page.screenshot(path=str(ARTIFACTS / "label-tab.png"), full_page=True)
+        # Typing in a text field never labels.
+        page.locator("#label-name").get_by_role("textbox").press("End")
+        page.locator("#label-name").get_by_role("textbox").press("2")
+        time.sleep(1.0)
+        assert "kim: 3 done" in counts.inner_text()
+        assert "Traceback" not in page.content()
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "label-tab.png"), full_page=True)
 
-            # The statistics panel draws the labels per labeller when opened.
-            page.locator("#label-tab").get_by_text("Statistics", exact=True).click()
-            plot = page.locator("#label-per-labeller .js-plotly-plot")
-            plot.wait_for()
-            bars = plot.evaluate("p => Object.fromEntries(p.data.map(t => [t.name, Array.from(t.y)]))")
-            assert bars == {"left": [1], "right": [1], "tie": [0], "skip": [1]}
-            page.screenshot(path=str(ARTIFACTS / "label-tab-statistics.png"), full_page=True)
-        finally:
-            browser.close()
-    with sqlite3.connect(tmp_path / "data" / "labels.db") as conn:
-        live = conn.execute("SELECT labeller, pair_id, choice FROM labels WHERE undone_at IS NULL ORDER BY id")
-        assert live.fetchall() == [("kim", 1, "left"), ("kim", 2, "right"), ("kim", 3, "skip")]
+        # The statistics panel draws the labels per labeller when opened.
+        page.locator("#label-tab").get_by_text("Statistics", exact=True).click()
+        plot = page.locator("#label-per-labeller .js-plotly-plot")
+        plot.wait_for()
+        bars = plot.evaluate("p => Object.fromEntries(p.data.map(t => [t.name, Array.from(t.y)]))")
+        assert bars == {"left": [1], "right": [1], "tie": [0], "skip": [1]}
+        page.screenshot(path=str(ARTIFACTS / "label-tab-statistics.png"), full_page=True)
+        with sqlite3.connect(tmp_path / "data" / "labels.db") as conn:
+            live = conn.execute("SELECT labeller, pair_id, choice FROM labels WHERE undone_at IS NULL ORDER BY id")
+            assert live.fetchall() == [("kim", 1, "left"), ("kim", 2, "right"), ("kim", 3, "skip")]
