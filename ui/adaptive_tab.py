@@ -428,7 +428,7 @@ def build_adaptive_tab(backend: Backend) -> gr.Tab:
                     info = gr.Markdown("", elem_id="adaptive-info")
                 with gr.Column(scale=3, min_width=360):
                     probs_plot = gr.Plot(elem_id="adaptive-probs", show_label=False)
-            ladder = gr.Gallery(label="The image at every candidate step count (same seed)", columns=8,
+            ladder = gr.Gallery(label="The image at every candidate step count (same seed)", columns=4,
                                 fit_columns=False, object_fit="contain", format="png", elem_id="adaptive-ladder",
                                 elem_classes=["pixel-gallery"])  # fmt: skip
         with gr.Accordion("A prompt set: chosen steps, network evaluations, quality against fixed steps", open=False):
