@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -37,6 +36,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .names import check_name, child_folder, is_valid_name
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ FLAT_ROWS = ("fewest", "skip")
 MAX_STEPS = 200  # as SampleRequest's limit
 FORMAT = "finetuners.adadiff/1"
 POLICY_FILE, CONFIG_FILE, TABLE_FILE = "policy.safetensors", "config.json", "table.safetensors"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MAX_POLICY_NAME = 64
 
 
 def _check_candidates(candidates) -> tuple[int, ...]:
@@ -494,19 +494,12 @@ def generate_adaptive(pipe, policy: StepPolicy, request, callback=None):
 
 
 def validate_policy_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
-        raise UserError(f"invalid policy name {name!r}: use letters, digits, '.', '_' and '-' only "
-                        "(no path separators or '..', at most 64 characters)")  # fmt: skip
-    return name
+    return check_name(name, "policy", MAX_POLICY_NAME)
 
 
 def policy_path(root: str | Path, name: str) -> Path:
     """``root/name``, refusing any name that could leave ``root``."""
-    root = Path(root).resolve()
-    path = (root / validate_policy_name(name)).resolve()
-    if path.parent != root:
-        raise UserError(f"policy name {name!r} escapes the policies folder")
-    return path
+    return child_folder(root, name, "policy", MAX_POLICY_NAME, "policies")
 
 
 def list_policies(root: str | Path) -> list[str]:
@@ -514,8 +507,8 @@ def list_policies(root: str | Path) -> list[str]:
     root = Path(root)
     if not root.is_dir():
         return []
-    return sorted(f.name for f in root.iterdir()
-                  if _NAME.match(f.name) and (f / POLICY_FILE).is_file() and (f / CONFIG_FILE).is_file())  # fmt: skip
+    return sorted(f.name for f in root.iterdir() if is_valid_name(f.name, MAX_POLICY_NAME)
+                  and (f / POLICY_FILE).is_file() and (f / CONFIG_FILE).is_file())  # fmt: skip
 
 
 def save_policy(folder: str | Path, policy: StepPolicy, config: AdaDiffConfig, meta: dict | None = None,

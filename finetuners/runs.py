@@ -22,9 +22,10 @@ from pathlib import Path
 
 from .errors import UserError
 from .imageio import atomic_write_bytes, atomic_write_folder
+from .names import check_name, child_folder, is_valid_name
 
 STATES = ("running", "stopped", "finished", "failed")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+MAX_RUN_NAME = 100
 _CKPT = re.compile(r"^step-(\d+)$")
 CHECKPOINT_STATE = "state.pt"
 LAUNCH_FILES = ("launch.json", "train.log")  # may precede config.json in a new run's folder (``jobs.py``)
@@ -37,23 +38,16 @@ def is_launch_file(name: str) -> bool:
 
 def validate_run_name(name: str) -> str:
     """Letters, digits, '.', '_' and '-' (no path separators, no '..'); at most 100 characters."""
-    if not valid_run_name(name):
-        raise UserError(f"invalid run name {name!r}: use letters, digits, '.', '_' and '-' only "
-                        "(no path separators or '..', at most 100 characters)")  # fmt: skip
-    return name
+    return check_name(name, "run", MAX_RUN_NAME)
 
 
 def valid_run_name(name: str) -> bool:
-    return isinstance(name, str) and bool(_NAME.match(name)) and ".." not in name
+    return is_valid_name(name, MAX_RUN_NAME)
 
 
 def run_path(runs_root: str | Path, name: str) -> Path:
     """``runs_root/name``, refusing any name that could leave ``runs_root``."""
-    root = Path(runs_root).resolve()
-    path = (root / validate_run_name(name)).resolve()
-    if path.parent != root:
-        raise UserError(f"run name {name!r} escapes the runs folder")
-    return path
+    return child_folder(runs_root, name, "run", MAX_RUN_NAME, "runs")
 
 
 def split_run_arg(run: str | Path) -> Path:
