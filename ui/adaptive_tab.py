@@ -493,13 +493,7 @@ def build_adaptive_tab(backend: Backend) -> gr.Tab:
     return tab
 
 
-if __name__ == "__main__":  # this tab alone: python -m ui.adaptive_tab [model]
-    import sys
+if __name__ == "__main__":  # this tab alone: python -m ui.adaptive_tab [model] [data_dir]
+    from .common import launch_alone
 
-    from .backend import Settings
-
-    alone = Backend(Settings(model=sys.argv[1] if len(sys.argv) > 1 else "shapes"))
-    alone.preload()
-    with gr.Blocks(title="finetuners · Adaptive steps") as demo:
-        build_adaptive_tab(alone)
-    demo.queue().launch()
+    launch_alone(build_adaptive_tab, "Adaptive steps")

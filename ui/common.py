@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import random
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from finetuners.errors import UserError
@@ -45,3 +47,19 @@ def attempt(action: str, fn: Callable, *args, **kwargs) -> tuple[Any, str | None
 def random_seed() -> int:
     """A seed for the "Random" buttons, within the samplers' range."""
     return random.randrange(LIMITS["seed"][1] + 1)
+
+
+def launch_alone(build_tab: Callable, title: str) -> None:
+    """One tab on its own, for working on it: ``python -m ui.<name>_tab [model] [data_dir]``."""
+    import gradio as gr
+
+    from .backend import Backend, Settings
+
+    args = sys.argv[1:]
+    backend = Backend(
+        Settings(model=args[0] if args else "shapes", data_dir=Path(args[1] if len(args) > 1 else "data"))
+    )
+    backend.preload()
+    with gr.Blocks(title=f"finetuners · {title}") as demo:
+        build_tab(backend)
+    demo.queue().launch()

@@ -285,22 +285,23 @@ def on_start(backend: Backend, name, *values) -> tuple:
     return "", _run_choices(backend, info.name), ""
 
 
+def _message_of(action: str, title: str, fn, backend: Backend, name) -> str:
+    """The error box's new text: "" when ``fn(backend, name)`` succeeded, else the message (and a toast)."""
+    _, message = attempt(action, fn, backend, name)
+    if message is None:
+        return ""
+    gr.Warning(message)
+    return error_markdown(message, title)
+
+
 def on_stop(backend: Backend, name) -> str:
     """The error box's new text ("" when the stop was asked for)."""
-    _, message = attempt("stopping the run", stop_run, backend, name)
-    if message is not None:
-        gr.Warning(message)
-        return error_markdown(message, "Cannot stop")
-    return ""
+    return _message_of("stopping the run", "Cannot stop", stop_run, backend, name)
 
 
 def on_resume(backend: Backend, name) -> str:
     """The error box's new text ("" when the run was started again)."""
-    _, message = attempt("resuming the run", resume_run, backend, name)
-    if message is not None:
-        gr.Warning(message)
-        return error_markdown(message, "Cannot resume")
-    return ""
+    return _message_of("resuming the run", "Cannot resume", resume_run, backend, name)
 
 
 def on_refresh(backend: Backend, name, shown: dict | None) -> tuple:
@@ -412,13 +413,7 @@ def build_finetune_tab(backend: Backend) -> gr.Tab:
     return tab
 
 
-if __name__ == "__main__":  # this tab alone: python -m ui.finetune_tab [model]
-    import sys
+if __name__ == "__main__":  # this tab alone: python -m ui.finetune_tab [model] [data_dir]
+    from .common import launch_alone
 
-    from .backend import Settings
-
-    alone = Backend(Settings(model=sys.argv[1] if len(sys.argv) > 1 else "shapes"))
-    alone.preload()
-    with gr.Blocks(title="finetuners · Fine-tune") as demo:
-        build_finetune_tab(alone)
-    demo.queue().launch()
+    launch_alone(build_finetune_tab, "Fine-tune")

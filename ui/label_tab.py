@@ -723,13 +723,6 @@ def build_label_tab(backend: Backend) -> gr.Tab:
 
 
 if __name__ == "__main__":  # this tab alone: python -m ui.label_tab [model] [data_dir]
-    import sys
+    from .common import launch_alone
 
-    from .backend import Settings
-
-    alone = Backend(Settings(model=sys.argv[1] if len(sys.argv) > 1 else "shapes",
-                             data_dir=Path(sys.argv[2] if len(sys.argv) > 2 else "data")))  # fmt: skip
-    alone.preload()
-    with gr.Blocks(title="finetuners · Label") as demo:
-        build_label_tab(alone)
-    demo.queue().launch()
+    launch_alone(build_label_tab, "Label")

@@ -676,13 +676,7 @@ def build_superpose_tab(backend: Backend) -> gr.Tab:
     return tab
 
 
-if __name__ == "__main__":  # this tab alone: python -m ui.superpose_tab [model]
-    import sys
+if __name__ == "__main__":  # this tab alone: python -m ui.superpose_tab [model] [data_dir]
+    from .common import launch_alone
 
-    from .backend import Settings
-
-    alone = Backend(Settings(model=sys.argv[1] if len(sys.argv) > 1 else "shapes"))
-    alone.preload()
-    with gr.Blocks(title="finetuners · Superpose") as demo:
-        build_superpose_tab(alone)
-    demo.queue().launch()
+    launch_alone(build_superpose_tab, "Superpose")
