@@ -17,6 +17,7 @@ from PIL import Image
 
 from finetuners.errors import UserError
 from finetuners.labels import LabelStore
+from tests.test_preference import add_world_pairs
 from ui.backend import Backend, Settings
 from ui.label_tab import (
     counts_markdown,
@@ -419,22 +420,7 @@ def test_bad_imports_change_nothing(offline, tmp_path):
 # -- the preference reward ----------------------------------------------------------------------------------
 def _world_labels(backend: Backend, n_pairs: int, seed: int = 0) -> None:
     """Pairs of a caption-following Shapes image and one with a changed colour; the labeller prefers the first."""
-    from finetuners.shapes.world import make_dataset, make_sample, parse_prompt
-
-    store = backend.label_store()
-    rng = np.random.default_rng(seed)
-    for i, good in enumerate(make_dataset(n_pairs, seed=seed)):
-        shape, color = good.spec.objects[0]
-        other = "red" if color != "red" else "blue"
-        bad = make_sample(rng, parse_prompt(good.caption.replace(f"{color} {shape}", f"{other} {shape}", 1)))
-        pngs = []
-        for s in (good, bad):
-            buf = io.BytesIO()
-            Image.fromarray(s.image).save(buf, format="PNG")
-            pngs.append(buf.getvalue())
-        left_good = i % 2 == 0
-        pair = store.add_pair(good.caption, *(pngs if left_good else pngs[::-1]), "world", "world-recoloured")
-        store.add_label(pair, "sim", "left" if left_good else "right")
+    add_world_pairs(backend.label_store(), n_pairs, seed)
 
 
 def test_train_preference_reward_saves_and_registers_it(offline, monkeypatch):

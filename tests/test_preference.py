@@ -207,12 +207,11 @@ def test_reward_signature_range_check_and_gradient(model):
             assert fd.item() == pytest.approx((grad * v).sum().item(), rel=1e-5, abs=1e-8)
 
 
-def _world_store(tmp_path, n_pairs: int, seed: int = 0) -> LabelStore:
-    """Pairs of a caption-following Shapes image and one with a changed colour; a noise-free labeller
-    prefers the one that follows the caption."""
+def add_world_pairs(store: LabelStore, n_pairs: int, seed: int = 0) -> None:
+    """Pairs of a caption-following Shapes image and one with a changed colour, each labelled by a noise-free
+    labeller "sim" who prefers the one that follows the caption."""
     from PIL import Image
 
-    store = LabelStore(tmp_path / "db.sqlite")
     rng = np.random.default_rng(seed)
     for i, good in enumerate(make_dataset(n_pairs, seed=seed)):
         shape, color = good.spec.objects[0]
@@ -227,6 +226,11 @@ def _world_store(tmp_path, n_pairs: int, seed: int = 0) -> LabelStore:
         left_good = i % 2 == 0
         pair = store.add_pair(good.caption, *(pngs if left_good else pngs[::-1]), "world", "world-recoloured")
         store.add_label(pair, "sim", "left" if left_good else "right")
+
+
+def _world_store(tmp_path, n_pairs: int, seed: int = 0) -> LabelStore:
+    store = LabelStore(tmp_path / "db.sqlite")
+    add_world_pairs(store, n_pairs, seed)
     return store
 
 
