@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.app_process import CHROMIUM
+
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 REPO = Path(__file__).resolve().parent.parent
 ASSET_PIPELINE = REPO / "assets" / "shapes-sd"
 ASSET_PROBE = REPO / "assets" / "shapes-probe"
-CHROMIUM = Path("/usr/bin/chromium")
 
 
 def pytest_configure(config):
