@@ -184,6 +184,7 @@ def cmd_superpose(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .rlr import RLRConfig
     from .runs import read_json, split_run_arg
     from .sdpo import SDPOConfig
     from .trainer import TrainConfig, train
@@ -203,6 +204,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     }.items() if v is not None}  # fmt: skip
     if args.eval_steps is not None:
         overrides["eval_steps"] = tuple(args.eval_steps)
+    rlr = {k: v for k, v in {
+        "h": args.rlr_h, "c_fo": args.c_fo, "c_ho": args.c_ho, "c_zo": args.c_zo, "zo_mode": args.zo_mode,
+        "s_nu": args.s_nu, "zo_groups": args.zo_groups, "ho_rescale": args.ho_rescale, "eta": args.rlr_eta,
+        "truncation": args.truncation, "checkpointing": args.checkpointing,
+    }.items() if v is not None}  # fmt: skip
+    if rlr:
+        extra["rlr"] = RLRConfig(**rlr)
     if args.config is not None:  # the whole config from a file (how the app's run manager starts a run)
         if args.resume or overrides or extra or args.preset:
             raise UserError("--config gives every setting: do not combine it with --resume or other settings")
@@ -214,9 +222,11 @@ def cmd_train(args: argparse.Namespace) -> int:
                 if (run_dir / "config.json").is_file() else None  # fmt: skip
             if stored is not None:
                 algo = SDPOConfig(**{**stored.algo.to_dict(), **overrides})
+                if "rlr" in extra:
+                    extra["rlr"] = RLRConfig(**{**stored.rlr.to_dict(), **rlr})
                 config = TrainConfig(**{**{k: getattr(stored, k) for k in ("method", "reward_weights", "device",
-                                     "eval_every", "num_eval_prompts", "checkpoint_every", "keep_checkpoints")},
-                                     **extra, "algo": algo})  # fmt: skip
+                                     "eval_every", "num_eval_prompts", "checkpoint_every", "keep_checkpoints",
+                                     "rlr")}, **extra, "algo": algo})  # fmt: skip
     else:
         overrides.setdefault("model", "shapes")
         algo = SDPOConfig.preset(args.preset or "shapes", **overrides)
@@ -302,9 +312,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out")
     p.set_defaults(func=cmd_superpose)
 
-    p = sub.add_parser("train", help="fine-tune with SDPO or DDPO into a run folder")
+    p = sub.add_parser("train", help="fine-tune (SDPO, DDPO, RLR, DRaFT-K, full backprop) into a run folder")
     p.add_argument("--run", required=True, help="run folder, runs/NAME (created; must be new unless --resume)")
-    p.add_argument("--method", choices=("sdpo", "ddpo"), default=None, help="default: sdpo")
+    p.add_argument(
+        "--method",
+        choices=("sdpo", "ddpo", "rlr", "draft", "bptt", "reinforce"),
+        default=None,
+        help="default: sdpo; rlr, draft (DRaFT-K), bptt and reinforce need a differentiable reward",
+    )
     p.add_argument("--reward", default=None, help="reward name (default: the preset's)")
     p.add_argument("--reward-weights", default=None, help="local weights path for rewards that need one")
     p.add_argument("--model", default=None, help="pipeline folder, hub id in the local cache, or 'shapes'")
@@ -332,6 +347,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", choices=("lora", "full"), default=None)
     p.add_argument("--lora-rank", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
+    g = p.add_argument_group("RLR and the backprop baselines (rlr.py)")
+    g.add_argument("--rlr-h", type=int, default=None, help="half-order sub-chain length h (0: FO + ZO only)")
+    g.add_argument("--zo-mode", choices=("lr", "spsa", "off"), default=None, help="zeroth-order estimator")
+    g.add_argument("--s-nu", type=float, default=None, help="std of the ZO parameter perturbations")
+    g.add_argument("--zo-groups", type=int, default=None, help="ZO perturbations per step (0: one per sample)")
+    g.add_argument("--c-fo", type=float, default=None, help="weight of the first-order term")
+    g.add_argument("--c-ho", type=float, default=None, help="weight of the half-order term")
+    g.add_argument("--c-zo", type=float, default=None, help="weight of the zeroth-order term")
+    g.add_argument("--ho-rescale", action="store_true", default=None, help="tile the steps with h-blocks")
+    g.add_argument("--rlr-eta", type=float, default=None, help="DDIM η of the stochastic steps")
+    g.add_argument("--truncation", type=int, default=None, help="DRaFT-K: backprop through the last K' steps")
+    g.add_argument("--checkpointing", action="store_true", default=None, help="gradient checkpointing (baselines)")
     p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
     p.add_argument("--config", default=None, help='a JSON file {"config": {...}} with every setting (as config.json)')
     p.set_defaults(func=cmd_train)

@@ -114,12 +114,17 @@ def encode(pipe, prompts: list[str], negative: list[str] | None, guided: bool):
     return cond, uncond
 
 
-@torch.no_grad()
-def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
-    """Latents → images in [0, 1], float32 on CPU."""
+def decode_differentiable(pipe, latents: torch.Tensor) -> torch.Tensor:
+    """Latents → images in [0, 1], float32 on CPU, with the graph (rewards backpropagated into the sampler)."""
     vae = pipe.vae
     x = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
     return (x.float() / 2 + 0.5).clamp(0, 1).cpu()
+
+
+@torch.no_grad()
+def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
+    """Latents → images in [0, 1], float32 on CPU."""
+    return decode_differentiable(pipe, latents)
 
 
 @torch.no_grad()

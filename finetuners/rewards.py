@@ -41,7 +41,8 @@ def check_images(images: torch.Tensor) -> None:
     """The §6 contract: float32 [B, 3, H, W] in [0, 1]."""
     assert images.dtype == torch.float32, f"rewards take float32 images, got {images.dtype}"
     assert images.ndim == 4 and images.shape[1] == 3, f"rewards take [B, 3, H, W], got {tuple(images.shape)}"
-    assert float(images.min()) >= 0.0 and float(images.max()) <= 1.0, "rewards take images in [0, 1]"
+    lo, hi = float(images.detach().min()), float(images.detach().max())
+    assert lo >= 0.0 and hi <= 1.0, f"rewards take images in [0, 1], got [{lo:g}, {hi:g}]"
 
 
 def jpeg_kilobytes(images: torch.Tensor) -> torch.Tensor:

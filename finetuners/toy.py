@@ -112,3 +112,53 @@ def vp_ladder(steps: int, beta_0: float = 0.1, beta_1: float = 20.0, t_min: floa
     ts = torch.linspace(1.0, t_min, steps, dtype=torch.float64)
     sigmas = torch.cat([VPSchedule(beta_0, beta_1).sigma(ts), torch.zeros(1, dtype=torch.float64)])
     return Ladder(sigmas=sigmas, timesteps=ts)
+
+
+class LinearGaussianChain:
+    """A K-step linear-Gaussian chain with a closed-form objective: the ground truth for RLR (ALGORITHMS.md §2.6).
+
+    x^(0) ~ N(μ₀, v₀I) in D dims; step i: x' = (a_i + θ₀)·x + (b_i + θ₁)·u + s_i·z; r(x) = −‖x − y‖². The last
+    step has s = 0. With per-step copies θ_i, the mean and variance recursions μ' = (a_i + θ_i0)μ + (b_i + θ_i1)u,
+    v' = (a_i + θ_i0)²v + s_i² give J = −‖μ_K − y‖² − D·v_K exactly; autograd of it gives every ∂J/∂θ_i.
+    Implements the chain protocol of ``finetuners.rlr`` (``num_steps``, ``params``, ``mean_std``).
+    """
+
+    def __init__(self, a=(0.9, 0.8, 1.1, 0.7), b=(0.5, -0.3, 0.2, 0.4), s=(0.6, 0.5, 0.4, 0.0), u=(1.0, -0.5),
+                 y=(1.0, 2.0), theta=(0.1, 0.3), mu0=(0.5, -0.5), v0=1.0) -> None:  # fmt: skip
+        f = torch.float64
+        self.a, self.b, self.s = (torch.tensor(v, dtype=f) for v in (a, b, s))
+        self.u, self.y, self.mu0 = (torch.tensor(v, dtype=f) for v in (u, y, mu0))
+        self.v0 = float(v0)
+        self.theta = torch.tensor(theta, dtype=f, requires_grad=True)
+        self.params = [self.theta]
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.a)
+
+    def initial(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        z = torch.randn(n, self.u.shape[0], generator=generator, dtype=torch.float64)
+        return self.mu0 + math.sqrt(self.v0) * z
+
+    def mean_std(self, x, i, rows, nu=None, groups=None):
+        th = self.theta.expand(x.shape[0], -1) if nu is None else self.theta + nu[0][groups]
+        mean = (self.a[i] + th[:, :1]) * x + (self.b[i] + th[:, 1:2]) * self.u
+        return mean, torch.full((x.shape[0], 1), float(self.s[i]), dtype=x.dtype)
+
+    def reward(self, x: torch.Tensor) -> torch.Tensor:
+        return -((x - self.y) ** 2).sum(1)
+
+    def objective(self, thetas: torch.Tensor) -> torch.Tensor:
+        """J(θ_0, …, θ_{K−1}) for per-step parameters ``thetas`` [K, 2]."""
+        mu, v = self.mu0, torch.tensor(self.v0, dtype=torch.float64)
+        for i in range(self.num_steps):
+            gain = self.a[i] + thetas[i, 0]
+            mu = gain * mu + (self.b[i] + thetas[i, 1]) * self.u
+            v = gain**2 * v + self.s[i] ** 2
+        return -((mu - self.y) ** 2).sum() - self.u.shape[0] * v
+
+    def step_gradients(self) -> torch.Tensor:
+        """∂J/∂θ_i for every step, [K, 2]; their sum is ∇J of the shared θ."""
+        thetas = self.theta.detach().expand(self.num_steps, -1).clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(self.objective(thetas), thetas)
+        return grad

@@ -40,6 +40,7 @@ from . import runs
 from .distributed import Dist
 from .errors import UserError
 from .rl import PerPromptStatTracker, ddpo_advantages, ppo_clip_loss, ratio_clip_fraction, transition_log_probs
+from .rlr import GRADIENT_METHODS, RLRConfig
 from .sdpo import (
     PairSteps,
     SDPOConfig,
@@ -60,7 +61,7 @@ from .sdpo import (
 
 log = logging.getLogger(__name__)
 INJECT_NAN_ENV = "FINETUNERS_INJECT_NAN_LOSS"  # test hook: NaN losses after this many optimiser steps
-METHODS = ("sdpo", "ddpo")
+METHODS = ("sdpo", "ddpo", *GRADIENT_METHODS)
 PROMPT_SETS = ("shapes",)
 CONFIG_VERSION = 1
 
@@ -82,6 +83,7 @@ class TrainConfig:
     num_eval_prompts: int = 8
     checkpoint_every: int = 1  # epochs between checkpoints (also at stop and at the end)
     keep_checkpoints: int = 3
+    rlr: RLRConfig = field(default_factory=RLRConfig)  # the gradient methods' chain and estimator (rlr.py)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -95,7 +97,12 @@ class TrainConfig:
                 raise UserError(f"{name} must be a whole number from {lo} to {hi}, got {v!r}")
         from .rewards import reward_spec
 
-        reward_spec(self.algo.reward)
+        spec = reward_spec(self.algo.reward)
+        if self.method in GRADIENT_METHODS and not spec.differentiable:
+            raise UserError(f"{self.method.upper()} backpropagates through the reward, and {self.algo.reward!r} is not "
+                            "differentiable: choose shapes-probe or a preference:… reward, or SDPO / DDPO")  # fmt: skip
+        if not isinstance(self.rlr, RLRConfig):
+            raise UserError("rlr must be RLR settings")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -110,7 +117,8 @@ class TrainConfig:
         algo = dict(d.pop("algo"))
         algo["adam_betas"] = tuple(algo["adam_betas"])
         algo["eval_steps"] = tuple(algo["eval_steps"])
-        return cls(algo=SDPOConfig(**algo), **d)
+        rlr = RLRConfig.from_dict(d.pop("rlr", None))  # runs from before RLR have none: the defaults
+        return cls(algo=SDPOConfig(**algo), rlr=rlr, **d)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -201,6 +209,7 @@ class Trainer:
         self.epoch = 0  # epochs completed
         self.global_step = 0  # optimiser steps taken
         self.reward_queries = 0
+        self.zo_baseline: float | None = None  # running mean reward: the ZO baseline when one perturbation is shared
         self.in_epoch = False
         nan_after = os.environ.get(INJECT_NAN_ENV, "").strip()
         self.inject_nan_after = int(nan_after) if nan_after.isdigit() else None
@@ -216,7 +225,8 @@ class Trainer:
                 save_full_unet(self.pipe.unet, tmp / "unet")
             state = {
                 "epoch": self.epoch, "global_step": self.global_step, "reward_queries": self.reward_queries,
-                "optimizer": self.optimizer.state_dict(), "tracker": self.tracker.state_dict(),
+                "zo_baseline": self.zo_baseline, "optimizer": self.optimizer.state_dict(),
+                "tracker": self.tracker.state_dict(),
                 "shuffle_rng": self.shuffle_gen.get_state(), "torch_rng": torch.get_rng_state(),
             }  # fmt: skip
             torch.save(state, tmp / runs.CHECKPOINT_STATE)
@@ -239,6 +249,7 @@ class Trainer:
             torch.set_rng_state(state["torch_rng"])
             self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
             self.reward_queries = int(state["reward_queries"])
+            self.zo_baseline = state.get("zo_baseline")
         except UserError:
             raise
         except Exception as e:  # noqa: BLE001 - any unreadable piece means a corrupt checkpoint
@@ -405,6 +416,66 @@ class Trainer:
             "iterations_per_s": (self.global_step - updates0) / max(seconds, 1e-9), **adv_info,
         }  # fmt: skip
 
+    def _gradient_epoch(self, stop) -> dict:
+        """RLR, DRaFT-K, full backprop or REINFORCE (``rlr.py``) on the DDIM chain of the training timesteps, with the
+        reward backpropagated through the VAE decoder; one optimiser step every ``grad_accum`` sampling batches."""
+        from .generate import decode_differentiable
+        from .rlr import DiffusionChain, reinforce_backward, rlr_backward, truncated_backward
+
+        cfg, rc, method = self.cfg, self.config.rlr, self.config.method
+        self.pipe.unet.train()
+        rewards, norms, calls = [], [], []
+        t0 = time.perf_counter()
+        updates0 = self.global_step
+        n = cfg.num_batches_per_epoch
+        for b in range(n):
+            prompts = training_prompts(cfg, self.epoch, b, cfg.sample_batch_size, self.dist.rank)
+            cond = self._encode(prompts)
+            seeds = self._seeds(b, len(prompts))
+            g_x, g_noise, _ = pair_generators(seeds)
+            meta = [{} for _ in prompts]
+
+            def reward(x_K, prompts=prompts, meta=meta):
+                images = decode_differentiable(self.pipe, x_K)
+                return torch.as_tensor(self.train_reward_fn(images, prompts, meta)[0]).to(x_K.device)
+
+            chain = DiffusionChain(self.denoiser, cond, self.ts, self.alphas, self.params, eta=rc.eta,
+                                   last_eta=rc.last_eta, prediction_type=self.prediction_type,
+                                   final_alpha_cumprod=self.final_alpha)  # fmt: skip
+            scale = 1.0 / cfg.grad_accum
+            x_T = self._x_T(g_x)
+            if method == "rlr":
+                block_gen = torch.Generator().manual_seed(seeds[0] ^ 0x5EED)
+                info = rlr_backward(chain, x_T, reward, rc, generator=block_gen, zo_seed=seeds[0] ^ 0x2E0,
+                                    noise_generator=g_noise, scale=scale, zo_baseline=self.zo_baseline,
+                                    dist=self.dist)  # fmt: skip
+                self.reward_queries += len(prompts) * (3 if rc.zo_mode == "spsa" and info["zo_steps"] else 1)
+            elif method == "reinforce":
+                info = reinforce_backward(chain, x_T, reward, noise_generator=g_noise, scale=scale, dist=self.dist)
+                self.reward_queries += len(prompts)
+            else:
+                keep = chain.num_steps if method == "bptt" else rc.truncation
+                info = truncated_backward(chain, x_T, reward, keep, noise_generator=g_noise, scale=scale,
+                                          checkpointing=rc.checkpointing)  # fmt: skip
+                self.reward_queries += len(prompts)
+            r = info["reward_mean"]
+            self._check_finite(torch.tensor(r))
+            self.zo_baseline = r if self.zo_baseline is None else 0.9 * self.zo_baseline + 0.1 * r
+            rewards.append(r)
+            calls.append(info["grad_unet_calls"])
+            if (b + 1) % cfg.grad_accum == 0 or b == n - 1:
+                norms.append(self._optimizer_step())
+            if stop():
+                raise _Stopped
+        seconds = time.perf_counter() - t0
+        mean = self.dist.gather(torch.tensor(rewards))
+        return {
+            "loss": -float(mean.mean()), "grad_norm": _mean(norms), "reward_mean": float(mean.mean()),
+            "reward_std": float(mean.std(unbiased=False)), "grad_unet_calls": _mean(calls),
+            "updates": self.global_step - updates0, "train_seconds": seconds,
+            "iterations_per_s": (self.global_step - updates0) / max(seconds, 1e-9),
+        }  # fmt: skip
+
     def _check_finite(self, loss: torch.Tensor) -> None:
         if self.inject_nan_after is not None and self.global_step >= self.inject_nan_after:
             loss = loss.detach() * float("nan")  # the documented fault-injection hook (module docstring)
@@ -564,7 +635,9 @@ def train(run_dir: str | Path, config: TrainConfig | None = None, *, resume: boo
         tracker_snapshot, epoch_start_step = None, trainer.global_step
         if trainer.epoch == 0 and not resume:
             emit({"event": "eval", "epoch": 0, **trainer.evaluate()})
-        epoch_fn = trainer._sdpo_epoch if config.method == "sdpo" else trainer._ddpo_epoch
+        epoch_fn = {"sdpo": trainer._sdpo_epoch, "ddpo": trainer._ddpo_epoch}.get(
+            config.method, trainer._gradient_epoch
+        )
         while trainer.epoch < cfg.num_epochs:
             if stop():
                 raise _Stopped
