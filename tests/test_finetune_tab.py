@@ -94,17 +94,33 @@ BAD_START = [
     (dict(eval_steps=[]), "no evaluation step counts chosen"),
     (dict(method="PPO"), "unknown method 'PPO'"),
     (dict(adapter="DoRA"), "unknown adapter 'DoRA'"),
+    (dict(method="RLR"), "RLR backpropagates through the reward, and 'jpeg-compressibility' is not differentiable"),
+    (dict(method="Full backprop"), "BPTT backpropagates through the reward"),
+    (dict(method="RLR", reward="shapes-probe", s_nu=0), "ZO perturbation std must be above 0"),
+    (dict(method="RLR", reward="shapes-probe", rlr_h=-1), "RLR h must be from 0 to 1000"),
+    (dict(method="RLR", reward="shapes-probe", zo_mode="sometimes"), "unknown ZO mode 'sometimes'"),
 ]
 
 
-@pytest.mark.parametrize("change, message", BAD_START, ids=[f"{k}={v!r}"[:30] for c, _ in BAD_START
-                                                            for k, v in c.items() if k != "weights"])  # fmt: skip
+@pytest.mark.parametrize(
+    "change, message",
+    BAD_START,
+    ids=[",".join(f"{k}={v!r}" for k, v in c.items() if k != "weights")[:40] for c, _ in BAD_START],
+)
 def test_bad_settings_are_refused_and_write_nothing(backend, change, message):
     root = backend.runs_root
     before = _tree_digest(root)
     with pytest.raises(UserError, match=message.replace("(", r"\(")):
         start_run(backend, "bad-settings", **{**TINY, **change})
     assert _tree_digest(root) == before and not (root / "bad-settings").exists()
+
+
+def test_rlr_settings_reach_the_run_config(backend):
+    config = make_config(backend, **{**TINY, "method": "RLR", "reward": "shapes-probe", "rlr_h": 1, "zo_mode": "SPSA",
+                                     "s_nu": 0.01, "truncation": 3})  # fmt: skip
+    assert config.method == "rlr" and config.rlr.h == 1 and config.rlr.zo_mode == "spsa"
+    assert config.rlr.s_nu == 0.01 and config.rlr.truncation == 3
+    assert make_config(backend, **{**TINY, "method": "DRaFT-K", "reward": "shapes-probe"}).method == "draft"
 
 
 @pytest.mark.parametrize("name", ["../escape", "a/b", "..", ".hidden", "x" * 101, "with space"])
@@ -118,7 +134,8 @@ def test_bad_run_names_are_refused(backend, name, tmp_path):
 
 
 def test_the_gradio_handler_shows_the_message_and_selects_nothing(backend):
-    values = [{**TINY, "weights": "", "seed": 42, "learning_rate": 7.0}[k] for k in CONFIG_FIELDS]
+    rlr = dict(rlr_h=2, zo_mode="likelihood ratio", s_nu=1e-3, truncation=1)
+    values = [{**TINY, **rlr, "weights": "", "seed": 42, "learning_rate": 7.0}[k] for k in CONFIG_FIELDS]
     error, picker, name = on_start(backend, "from-the-ui", *values)
     assert "Cannot start" in error and "learning rate must be above 0 and at most 1, got 7.0" in error
     assert "Traceback" not in error and not (backend.runs_root / "from-the-ui").exists()

@@ -1,4 +1,4 @@
-"""The Fine-tune tab: SDPO or DDPO on a reward, run in a process of its own, watched live.
+"""The Fine-tune tab: SDPO, DDPO, RLR or a backprop baseline on a reward, run in a process of its own, watched live.
 
 The handlers proper (``make_config``, ``start_run``, ``stop_run``, ``resume_run``, ``run_view``) are plain Python
 over the backend's ``RunManager`` and raise ``UserError`` for bad input; the ``on_*`` adapters turn that into a
@@ -27,7 +27,8 @@ from .common import attempt, error_markdown
 log = logging.getLogger(__name__)
 
 REFRESH_S = 2.0  # live view period
-METHODS = {"SDPO": "sdpo", "DDPO": "ddpo"}
+METHODS = {"SDPO": "sdpo", "DDPO": "ddpo", "RLR": "rlr", "DRaFT-K": "draft", "Full backprop": "bptt"}
+ZO_MODES = {"likelihood ratio": "lr", "SPSA": "spsa", "off (biased)": "off"}
 ADAPTERS = {"LoRA": "lora", "Full UNet": "full"}
 EVAL_STEP_CHOICES = (1, 2, 4, 8, 16)
 # name in messages → (low, high, whole number, low end open); the widgets' ranges
@@ -41,9 +42,13 @@ LIMITS = {
     "evaluation prompts": (1, 256, True, False),
     "evaluate every": (1, 100_000, True, False),
     "seed": (0, 2**32 - 1, True, False),
+    "RLR h": (0, 1000, True, False),
+    "ZO perturbation std": (0.0, 10.0, False, True),
+    "DRaFT-K steps K'": (1, 1000, True, False),
 }
 CONFIG_FIELDS = ("method", "reward", "learning_rate", "batch", "epochs", "train_steps", "eval_steps", "adapter",
-                 "lora_rank", "weights", "batches_per_epoch", "eval_prompts", "eval_every", "seed")  # fmt: skip
+                 "lora_rank", "weights", "batches_per_epoch", "eval_prompts", "eval_every", "seed", "rlr_h", "zo_mode",
+                 "s_nu", "truncation")  # fmt: skip
 RUN_COLUMNS = ["run", "state", "method", "reward", "epoch", "checkpoints", "error"]
 CURVES = {  # plot id → (title, y-axis label, metrics key of the "epoch" records; None: the eval rewards)
     "reward": ("Reward at each evaluation step count", "mean reward", None),
@@ -113,9 +118,11 @@ def check_reward(reward, weights) -> str:
 
 
 def make_config(backend: Backend, method, reward, learning_rate, batch, epochs, train_steps, eval_steps, adapter,
-                lora_rank, weights="", batches_per_epoch=2, eval_prompts=8, eval_every=1, seed=42):  # fmt: skip
+                lora_rank, weights="", batches_per_epoch=2, eval_prompts=8, eval_every=1, seed=42, rlr_h=2,
+                zo_mode="likelihood ratio", s_nu=1e-3, truncation=1):  # fmt: skip
     """Widget values → a validated ``TrainConfig`` for the app's model (``UserError`` in words otherwise)."""
     from finetuners.models import resolve_device
+    from finetuners.rlr import RLRConfig
     from finetuners.sdpo import SDPOConfig
     from finetuners.trainer import TrainConfig
 
@@ -132,6 +139,10 @@ def make_config(backend: Backend, method, reward, learning_rate, batch, epochs, 
     n_eval = number("evaluation prompts", eval_prompts)
     every = number("evaluate every", eval_every)
     seed = number("seed", seed)
+    if zo_mode not in ZO_MODES:
+        raise UserError(f"unknown ZO mode {zo_mode!r}: choose {' or '.join(ZO_MODES)}")
+    rlr = RLRConfig(h=number("RLR h", rlr_h), zo_mode=ZO_MODES[zo_mode], s_nu=number("ZO perturbation std", s_nu),
+                    truncation=number("DRaFT-K steps K'", truncation))  # fmt: skip
     steps = sorted({int(s) for s in (eval_steps or [])})
     if not steps:
         raise UserError("no evaluation step counts chosen: tick at least one")
@@ -155,7 +166,7 @@ def make_config(backend: Backend, method, reward, learning_rate, batch, epochs, 
         pairs_per_prompt=per_prompt, min_count=min(2 * per_prompt, 8),
     )  # fmt: skip
     return TrainConfig(method=METHODS[method], algo=algo, reward_weights=(weights or "").strip() or None,
-                       device=str(device), eval_every=every, num_eval_prompts=n_eval)  # fmt: skip
+                       device=str(device), eval_every=every, num_eval_prompts=n_eval, rlr=rlr)  # fmt: skip
 
 
 def default_run_name(method: str) -> str:
@@ -336,7 +347,10 @@ def build_finetune_tab(backend: Backend) -> gr.Tab:
             with gr.Column(scale=2, min_width=320):
                 gr.Markdown(f"Fine-tunes **{settings.model}**; runs are kept in `{backend.runs_root}`.")
                 method = gr.Radio(list(METHODS), value="SDPO", label="Method", elem_id="finetune-method",
-                                  info="SDPO: dense stepwise rewards; DDPO: the PPO baseline")  # fmt: skip
+                                  info="SDPO: dense stepwise rewards; DDPO: the PPO baseline; RLR: first-, half- and "
+                                       "zeroth-order gradient mix; DRaFT-K / full backprop: the reward "
+                                       "backpropagated through the last K' / all steps (these three need a "
+                                       "differentiable reward)")  # fmt: skip
                 choices = reward_choices(backend)
                 reward = gr.Dropdown(choices, value="shapes-probe", label="Reward", elem_id="finetune-reward-name")
                 weights = gr.Textbox(label="Reward weights", placeholder="folder of a downloaded scorer's weights",
@@ -364,6 +378,16 @@ def build_finetune_tab(backend: Backend) -> gr.Tab:
                         eval_every = gr.Number(value=1, precision=0, label="Evaluate every (epochs)",
                                                elem_id="finetune-eval-every")  # fmt: skip
                         seed = gr.Number(value=42, precision=0, label="Seed", elem_id="finetune-seed")
+                with gr.Accordion("RLR and backprop settings", open=False):
+                    with gr.Row():
+                        rlr_h = gr.Number(value=2, precision=0, label="RLR h (half-order sub-chain length)",
+                                          elem_id="finetune-rlr-h")  # fmt: skip
+                        zo_mode = gr.Radio(list(ZO_MODES), value="likelihood ratio", label="RLR zeroth-order term",
+                                           elem_id="finetune-zo-mode")  # fmt: skip
+                    with gr.Row():
+                        s_nu = gr.Number(value=1e-3, label="ZO perturbation std s_ν", elem_id="finetune-s-nu")
+                        truncation = gr.Number(value=1, precision=0, elem_id="finetune-truncation",
+                                               label="DRaFT-K: backprop through the last K' steps")  # fmt: skip
                 name = gr.Textbox(label="Run name", placeholder="empty: a dated name, e.g. sdpo-20250101-120000",
                                   elem_id="finetune-name", max_lines=1)  # fmt: skip
                 with gr.Row():
@@ -389,7 +413,7 @@ def build_finetune_tab(backend: Backend) -> gr.Tab:
                              wrap=True)  # fmt: skip
 
         config_inputs = [method, reward, lr, batch, epochs, train_steps, eval_steps, adapter, rank, weights, batches,
-                         eval_prompts, eval_every, seed]  # fmt: skip
+                         eval_prompts, eval_every, seed, rlr_h, zo_mode, s_nu, truncation]  # fmt: skip
         view_outputs = [status, table, run, *plots.values(), samples, view_key]
         fast = dict(concurrency_id="finetune", concurrency_limit=None)  # never behind a generation in the queue
 
