@@ -12,7 +12,6 @@ import ipaddress
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from finetuners.errors import UserError
@@ -87,6 +86,7 @@ def parse_auth(values: list[str]) -> list[tuple[str, str]] | None:
 def settings_from_args(args: argparse.Namespace):
     """Validate the flags that need no model loaded (device, dtype, folders, ports) → ``Settings``."""
     from finetuners.models import resolve_device, resolve_dtype, resolve_model_path
+    from finetuners.names import typed_path
     from ui.backend import Settings
 
     device = resolve_device(args.device)
@@ -96,10 +96,10 @@ def settings_from_args(args: argparse.Namespace):
         raise UserError(f"--port must be between 1 and 65535, got {args.port}")
     if not 1 <= args.max_batch <= 64:
         raise UserError(f"--max-batch must be between 1 and 64, got {args.max_batch}")
-    data_dir = Path(args.data_dir).expanduser()
+    data_dir = typed_path(args.data_dir, "--data-dir")
     if data_dir.exists() and not data_dir.is_dir():
         raise UserError(f"--data-dir {str(data_dir)!r} exists and is not a folder")
-    labels_db = Path(args.labels_db).expanduser() if args.labels_db else None
+    labels_db = typed_path(args.labels_db, "--labels-db") if args.labels_db else None
     if labels_db is not None and (labels_db.is_dir() or not labels_db.parent.is_dir()):
         raise UserError(f"--labels-db {str(labels_db)!r} must be a file in an existing folder")
     parse_auth(args.auth)

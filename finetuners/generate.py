@@ -25,6 +25,17 @@ LIMITS = {"steps": (1, 200), "batch": (1, 64), "seed": (0, 2**32 - 1), "guidance
 MAX_PROMPT_CHARS = 1000
 
 
+def is_text(value) -> bool:
+    """A ``str`` that can be written as UTF-8 (no lone surrogate halves, which browsers and APIs can send)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class SampleRequest:
     prompt: str
@@ -42,6 +53,8 @@ class SampleRequest:
             raise UserError("the prompt is empty: type what the image should show")
         if len(self.prompt) > MAX_PROMPT_CHARS:
             raise UserError(f"the prompt is too long ({len(self.prompt)} characters; at most {MAX_PROMPT_CHARS})")
+        if not is_text(self.prompt) or not is_text(self.negative_prompt):
+            raise UserError("the prompt holds characters that are not valid text (a lone surrogate): retype it")
         for name in ("steps", "batch", "seed"):
             value = getattr(self, name)
             if isinstance(value, float) and value.is_integer():
@@ -80,7 +93,10 @@ class SampleResult:
 
 
 def check_prompt_fits(pipe, prompt: str) -> None:
-    """Refuse prompts longer than the text encoder's context instead of truncating them silently."""
+    """Refuse prompts longer than the text encoder's context instead of truncating them silently, and text a
+    tokenizer cannot read (a lone surrogate half, which it refuses with a TypeError)."""
+    if not is_text(prompt):
+        raise UserError("the prompt holds characters that are not valid text (a lone surrogate): retype it")
     tok = pipe.tokenizer
     n = len(tok(prompt, truncation=False).input_ids)
     if n > tok.model_max_length:

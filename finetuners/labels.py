@@ -164,6 +164,11 @@ def _check_text(value: Any, what: str, limit: int, *, empty_ok: bool = False) ->
         raise UserError(f"{what} is too long ({len(value)} characters; at most {limit})")
     if any(ord(c) < 32 for c in value):
         raise UserError(f"{what} contains control characters")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate: SQLite would refuse it mid-transaction
+            raise UserError(f"{what} holds characters that are not valid text ({e.reason})") from e
     return value
 
 

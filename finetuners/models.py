@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .names import typed_path
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def resolve_model_path(id_or_path: str, allow_download: bool = False) -> str:
         raise UserError("no model given: pass a pipeline folder, a hub id, or 'shapes'")
     if name in ALIASES:
         return str(ALIASES[name])
-    path = Path(name).expanduser()
+    path = typed_path(name, "model path")  # NUL bytes, over-long names, '~nobody': a message, not an OSError
     looks_local = path.is_absolute() or name.startswith((".", "~")) or path.exists() or name.count("/") != 1
     if looks_local:
         if not path.exists():

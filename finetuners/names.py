@@ -2,16 +2,21 @@
 
 A name is letters, digits, '.', '_' and '-', starts with a letter or digit, holds no '..', and is at most
 ``max_chars`` long; ``child_folder`` also checks that the resolved path sits directly in its root.
+``typed_path`` turns a path someone typed (a model folder, an export folder) into a ``Path`` that every filesystem
+call can take, or a ``UserError`` saying why it cannot be one.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
 from .errors import UserError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+NAME_MAX_BYTES = 255  # one path component (Linux NAME_MAX): longer ones make stat() fail with ENAMETOOLONG
+PATH_MAX_BYTES = 4095  # a whole path (Linux PATH_MAX less the terminating NUL)
 
 
 def is_valid_name(name, max_chars: int) -> bool:
@@ -33,3 +38,25 @@ def child_folder(root: str | Path, name, what: str, max_chars: int, folder_word:
     if path.parent != root:
         raise UserError(f"{what} name {name!r} escapes the {folder_word} folder")
     return path
+
+
+def typed_path(text, what: str) -> Path:
+    """``text`` (a path someone typed) as a ``Path`` with '~' expanded; ``UserError`` for what the operating system
+    would refuse with an exception other than "not found": a NUL byte, text with no bytes on disk (a lone
+    surrogate), a part over 255 bytes or a whole over 4095, a '~user' with no home folder."""
+    if not isinstance(text, str | os.PathLike):
+        raise UserError(f"the {what} must be text, got {type(text).__name__}")
+    text = os.fspath(text)
+    if "\x00" in text:
+        raise UserError(f"the {what} contains a NUL byte: type a plain path")
+    try:
+        encoded = os.fsencode(text)
+    except UnicodeEncodeError as e:
+        raise UserError(f"the {what} {text!r} holds characters that cannot be part of a file name") from e
+    if len(encoded) > PATH_MAX_BYTES or any(len(part) > NAME_MAX_BYTES for part in encoded.split(b"/")):
+        raise UserError(f"the {what} is too long (at most {NAME_MAX_BYTES} bytes per folder name, "
+                        f"{PATH_MAX_BYTES} in all)")  # fmt: skip
+    try:
+        return Path(text).expanduser()
+    except RuntimeError as e:  # "~nobody/x": no such user, or no home folder
+        raise UserError(f"the {what} {text!r} starts with '~' but that home folder is unknown") from e

@@ -202,7 +202,9 @@ class ClipFeatures(nn.Module):
 
     def __init__(self, folder: str | Path, text: bool = True):
         super().__init__()
-        folder = Path(folder).expanduser()
+        from .names import typed_path
+
+        folder = typed_path(folder, "CLIP weights folder")
         if not folder.is_dir():
             raise UserError(f"no CLIP weights folder {str(folder)!r}")
         weights = _clip_weight_files(folder)

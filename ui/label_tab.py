@@ -35,6 +35,7 @@ from PIL import Image
 
 from finetuners.errors import UserError
 from finetuners.generate import LIMITS, MAX_PROMPT_CHARS, SampleRequest, check_prompt_fits
+from finetuners.names import typed_path
 
 from .backend import Backend
 from .common import attempt, error_markdown
@@ -79,13 +80,19 @@ def parse_queue(text: str | None, file_path: str | None = None) -> list[str]:
     starting with ``#`` are left out. ``UserError`` if nothing is left, or for an unreadable file."""
     lines = (text or "").splitlines()
     if file_path:
-        path = Path(file_path)
-        if path.stat().st_size > MAX_PROMPT_FILE_BYTES:
-            raise UserError(f"the prompt list {path.name} is larger than {MAX_PROMPT_FILE_BYTES // 1000} kB")
+        path = typed_path(file_path, "prompt list")
         try:
-            lines += path.read_text(encoding="utf-8-sig").splitlines()
+            if not path.is_file():
+                raise UserError(f"the prompt list {path.name!r} is not a file: upload a text file, one prompt per line")
+            with open(path, "rb") as f:  # at most the limit: a size of 0 may be a lie (/dev/zero, /proc files)
+                data = f.read(MAX_PROMPT_FILE_BYTES + 1)
+            if len(data) > MAX_PROMPT_FILE_BYTES:
+                raise UserError(f"the prompt list {path.name} is larger than {MAX_PROMPT_FILE_BYTES // 1000} kB")
+            lines += data.decode("utf-8-sig").splitlines()
         except UnicodeDecodeError as e:
             raise UserError(f"the prompt list {path.name} is not UTF-8 text: one prompt per line") from e
+        except OSError as e:
+            raise UserError(f"cannot read the prompt list {path.name!r}: {e.strerror or e}") from e
     prompts = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
     if not prompts:
         raise UserError("the prompt queue is empty: type prompts, one per line, or upload a prompt list")
@@ -268,9 +275,10 @@ def record_label(backend: Backend, typed_name, pair_id, choice, username: str | 
         raise UserError(f"unknown choice {choice!r}: left, right, tie or skip")
     if pair_id is None:
         raise UserError("no pair on screen: click Start labelling first")
+    pair_id = _whole(pair_id, "the pair id", 1, 2**63 - 1)
     store = backend.label_store()
-    label_id = store.add_label(int(pair_id), name, choice)  # returns once committed (and fsynced)
-    status = f"✓ Saved label #{label_id}: **{choice}** on pair #{int(pair_id)} by {name}."
+    label_id = store.add_label(pair_id, name, choice)  # returns once committed (and fsynced)
+    status = f"✓ Saved label #{label_id}: **{choice}** on pair #{pair_id} by {name}."
     return _view(backend, name, store.next_pair_for(name), status)
 
 
@@ -374,8 +382,12 @@ def inside_data_dir(backend: Backend, typed, what: str) -> Path:
     text = typed.strip() if isinstance(typed, str) else ""
     if not text:
         raise UserError(f"the {what} path is empty: type a folder name inside the data folder")
-    path = Path(text).expanduser()
-    full = (path if path.is_absolute() else root / path).resolve()
+    path = typed_path(text, f"{what} path")
+    try:
+        full = (path if path.is_absolute() else root / path).resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop
+        raise UserError(f"the {what} path {text!r} cannot be resolved: {e}") from e
+    typed_path(str(full), f"{what} path")  # the data folder and the typed part together: not over-long
     if full == root or not full.is_relative_to(root):
         raise UserError(f"the {what} path must stay inside the data folder {root}: {text!r} leaves it")
     return full
@@ -470,7 +482,8 @@ def train_reward(backend: Backend, name, clip_folder=None, progress=None) -> str
         if progress is not None:
             progress((step, None), desc=f"step {step}: held-out log-loss {metrics['val_loss']:.3f}")
 
-    reward, m = train_from_store(store, folder, clip=Path(clip).expanduser() if clip else None, progress=on_step)
+    clip_path = typed_path(clip, "CLIP weights folder") if clip else None
+    reward, m = train_from_store(store, folder, clip=clip_path, progress=on_step)
     acc = m["val_accuracy"]
     acc_text = "n/a (only ties held out)" if acc is None else f"**{acc:.1%}**"
     on = f"CLIP features of `{reward.features.folder}`" if clip else "Shapes-probe features"
