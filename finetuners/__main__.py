@@ -248,6 +248,38 @@ def _config_file(path: str):
         raise UserError(f"--config {path!r} does not hold a training config ({type(e).__name__}: {e})") from e
 
 
+def cmd_sadm(args: argparse.Namespace) -> int:
+    """SADM-style structure-guided training (ALGORITHMS.md §5) of the UNet into a run folder; λ = 0: plain."""
+    from .runs import read_json, split_run_arg
+    from .sadm import SADMConfig, check_resumable, train_sadm
+
+    run_dir = split_run_arg(args.run)
+    settings = {k: v for k, v in {
+        "model": args.model, "init": args.init, "domain": args.domain, "structure_weight": args.structure_weight,
+        "warmup_fraction": args.warmup, "disc_steps": args.disc_steps, "disc_penalty": args.disc_penalty,
+        "structure_space": args.space, "batch_size": args.batch, "learning_rate": args.lr, "epochs": args.epochs,
+        "steps_per_epoch": args.steps_per_epoch, "n_images": args.images, "seed": args.seed, "device": args.device,
+        "eval_every": args.eval_every, "eval_images": args.eval_images, "checkpoint_every": args.checkpoint_every,
+        "eval_steps": tuple(args.eval_steps) if args.eval_steps else None,
+    }.items() if v is not None}  # fmt: skip
+    if args.config is not None:  # every setting from a file: {"config": {"algo": {...}}} (as config.json) or flat
+        if args.resume or settings:
+            raise UserError("--config gives every setting: do not combine it with --resume or other settings")
+        record = read_json(args.config)
+        algo = record.get("config") if isinstance(record, dict) and "config" in record else record
+        algo = algo.get("algo") if isinstance(algo, dict) and "algo" in algo else algo
+        if not isinstance(algo, dict):
+            raise UserError(f"--config {args.config!r} does not hold a SADM config")
+        config = SADMConfig.from_dict(algo)
+    elif args.resume:  # settings given with --resume must equal the stored ones
+        config = SADMConfig.from_dict({**check_resumable(run_dir).to_dict(), **settings}) if settings else None
+    else:
+        config = SADMConfig.from_dict(settings)
+    status = train_sadm(run_dir, config, resume=args.resume)
+    print(f"{run_dir}: {status['state']}" + (f" ({status['error']})" if status.get("error") else ""))
+    return 0 if status["state"] in ("finished", "stopped") else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m finetuners", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -362,6 +394,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
     p.add_argument("--config", default=None, help='a JSON file {"config": {...}} with every setting (as config.json)')
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sadm", help="SADM-style structure-guided training of the UNet (λ = 0: plain denoising)")
+    p.add_argument("--run", required=True, help="run folder, runs/NAME (created; must be new unless --resume)")
+    p.add_argument("--model", default=None, help="pipeline folder, hub id in the local cache, or 'shapes' (default)")
+    p.add_argument("--init", choices=("pretrained", "scratch"), default=None, help="fine-tune (default) or fresh")
+    p.add_argument("--domain", default=None, help="real images: 'shapes' (in-domain, default) or 'large' (shifted)")
+    p.add_argument("--lambda", dest="structure_weight", type=float, default=None, help="λ, structure weight (0.1)")
+    p.add_argument("--warmup", type=float, default=None, help="fraction of steps over which λ rises from 0 (0.1)")
+    p.add_argument("--disc-steps", type=int, default=None, help="n_D discriminator steps per denoiser step (1)")
+    p.add_argument("--disc-penalty", type=float, default=None, help="ρ_φ, weight of ‖φ‖² (1e-4)")
+    p.add_argument("--space", choices=("pixels", "latents"), default=None, help="encoder input (pixels)")
+    p.add_argument("--batch", type=int, default=None, help="batch size, at least 2 (32)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate of θ and φ (1e-4)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (20)")
+    p.add_argument("--steps-per-epoch", type=int, default=None, help="denoiser steps per epoch (10)")
+    p.add_argument("--images", type=int, default=None, help="real training images rendered (4096)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--eval-every", type=int, default=None, help="epochs between evaluations; 0: only at the end")
+    p.add_argument("--eval-images", type=int, default=None, help="images for FD-probe and accuracy (64)")
+    p.add_argument("--eval-steps", type=int, nargs="+", default=None, help="DDIM step counts evaluated (20)")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="epochs between checkpoints (5)")
+    p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    p.add_argument("--config", default=None, help="a JSON file with every setting (SADMConfig keys, or config.json)")
+    p.set_defaults(func=cmd_sadm)
     return parser
 
 
