@@ -242,3 +242,14 @@ def test_stop_file_stops_within_an_epoch(tmp_path, random_pipeline_dir, monkeypa
     assert status["state"] == "stopped" and not (run_dir / "STOP").exists()
     assert [n for n, _ in runs.list_checkpoints(run_dir)] == [1]
     assert runs.read_metrics(run_dir)[-1] == {**runs.read_metrics(run_dir)[-1], "event": "stopped", "global_step": 1}
+
+
+def test_cli_bad_input_is_one_clear_line(tmp_path, capsys):
+    from finetuners.__main__ import main
+
+    for argv, match in [(["--batch", "1"], "batch_size must be at least 2"), (["--domain", "mars"], "unknown domain"),
+                        (["--resume"], "cannot resume")]:  # fmt: skip
+        assert main(["sadm", "--run", str(tmp_path / "r"), *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and match in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()  # bad input writes nothing
