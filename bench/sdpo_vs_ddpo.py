@@ -1,6 +1,8 @@
-"""SDPO against DDPO on the Shapes model with the probe prompt-alignment reward (issue 4, ALGORITHMS.md §1.4).
+"""SDPO against DDPO (issue 4, ALGORITHMS.md §1.4), and RLR against both and the backprop baselines (issue 5,
+§2.4), on the Shapes model with the probe prompt-alignment reward.
 
     python bench/sdpo_vs_ddpo.py --seeds 0 1 2 --minutes 5 --queries 6000 --parallel 2
+    python bench/sdpo_vs_ddpo.py --methods sdpo ddpo rlr draft bptt --rlr '{"h": 1, "truncation": 1}' --minutes 2
 
 Each (method, seed) is one ``trainer.train`` run in a temporary run folder, from the "shapes-full" SDPO preset
 (DDPO reads the same keys: model, K_train, spacing, η, lr, batch, tracker; ``--preset``/``--set`` change it).
@@ -10,7 +12,9 @@ Before and after, the bench evaluates the run's checkpoint with ``Trainer.evalua
 prompt set (``shapes.world.eval_prompts``, seeds 0…n−1) at 1, 2, 4 and 8 steps with the preset's evaluation
 sampler (deterministic DDIM, trailing timesteps, CFG off as trained): mean probe log-prob reward and exact
 probe accuracy. The table gives mean ± std over seeds (population std; n = number of seeds).
-Runs go ``--parallel`` at a time, each process with ``--threads`` torch threads.
+Runs go ``--parallel`` at a time, each process with ``--threads`` torch threads. ``--rlr`` sets the RLR / DRaFT-K
+settings (``rlr.RLRConfig``) of the gradient methods; the "reward per minute" column is the gain of the mean probe
+reward at each step count over the start model, divided by the training minutes.
 """
 
 from __future__ import annotations
@@ -32,17 +36,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
-METHODS = ("sdpo", "ddpo")
+METHODS = ("sdpo", "ddpo", "rlr", "draft", "bptt", "reinforce")
 
 
-def make_config(method: str, seed: int, overrides: dict, eval_prompts: int, preset: str = "shapes-full"):
+def make_config(method: str, seed: int, overrides: dict, eval_prompts: int, preset: str = "shapes-full",
+                rlr: dict | None = None):  # fmt: skip
+    from finetuners.rlr import RLRConfig
     from finetuners.sdpo import SDPOConfig
     from finetuners.trainer import TrainConfig
 
     algo = SDPOConfig.preset(preset, seed=seed, num_epochs=100_000, **overrides)
     # no evaluation inside the run (the bench evaluates before and after); one checkpoint at the end
     return TrainConfig(method=method, algo=algo, eval_every=10**6, checkpoint_every=10**6,
-                       num_eval_prompts=eval_prompts)  # fmt: skip
+                       num_eval_prompts=eval_prompts, rlr=RLRConfig.from_dict(rlr))  # fmt: skip
 
 
 def evaluate(config, checkpoint: Path | None, threads: int) -> dict:
@@ -73,7 +79,7 @@ def run_one(job: dict) -> dict:
     from finetuners.trainer import train
 
     torch.set_num_threads(job["threads"])
-    config = make_config(job["method"], job["seed"], job["overrides"], job["eval_prompts"], job["preset"])
+    config = make_config(job["method"], job["seed"], job["overrides"], job["eval_prompts"], job["preset"], job["rlr"])
     run_dir = Path(job["root"]) / f"{job['method']}-seed{job['seed']}"
     stop = threading.Event()
     clock = {"start": None, "reason": "epochs", "timer": None}
@@ -106,7 +112,7 @@ def run_one(job: dict) -> dict:
             "reward_queries_completed_epochs": queries, "eval": result}  # fmt: skip
 
 
-def table(before: dict, results: list[dict], steps: tuple[int, ...]) -> str:
+def table(before: dict, results: list[dict], steps: tuple[int, ...], methods=METHODS) -> str:
     def cell(values, scale=1.0, digits=2):
         v = np.asarray(values, dtype=float) * scale
         return f"{v.mean():.{digits}f} ± {v.std():.{digits}f}"
@@ -119,11 +125,17 @@ def table(before: dict, results: list[dict], steps: tuple[int, ...]) -> str:
     ):
         base = [f"{before[f'{key}_k{k}'] * scale:.{digits}f}" for k in steps]
         lines.append(f"| start | {metric} | " + " | ".join(base) + " |")
-        for method in METHODS:
+        for method in methods:
             rows = [r for r in results if r["method"] == method]
             if rows:
                 cells = [cell([r["eval"][f"{key}_k{k}"] for r in rows], scale, digits) for k in steps]
                 lines.append(f"| {method} | {metric} | " + " | ".join(cells) + " |")
+    for method in methods:
+        rows = [r for r in results if r["method"] == method]
+        if rows:
+            gains = [cell([(r["eval"][f"eval_reward_k{k}"] - before[f"eval_reward_k{k}"]) / (r["train_seconds"] / 60)
+                           for r in rows]) for k in steps]  # fmt: skip
+            lines.append(f"| {method} | reward gain per minute | " + " | ".join(gains) + " |")
     return "\n".join(lines)
 
 
@@ -138,28 +150,32 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--preset", default="shapes-full", help="SDPOConfig preset, for both methods")
     p.add_argument("--set", default="{}", help="JSON overrides of the preset, for both methods")
+    p.add_argument("--rlr", default="{}", help="JSON RLR / DRaFT-K settings for rlr, draft, bptt (rlr.RLRConfig)")
     p.add_argument("--json", type=Path, help="write all results here")
     args = p.parse_args()
     overrides = json.loads(args.set)
     command = "python bench/sdpo_vs_ddpo.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    config = make_config("sdpo", args.seeds[0], overrides, args.eval_prompts, args.preset)
+    rlr = json.loads(args.rlr)
+    config = make_config("sdpo", args.seeds[0], overrides, args.eval_prompts, args.preset, rlr)
     steps = config.algo.eval_steps
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="sdpo-vs-ddpo-") as root:
         jobs = [{"method": m, "seed": s, "overrides": overrides, "eval_prompts": args.eval_prompts, "root": root,
-                 "preset": args.preset, "seconds": 60 * args.minutes, "queries": args.queries, "threads": args.threads}
+                 "preset": args.preset, "seconds": 60 * args.minutes, "queries": args.queries, "threads": args.threads,
+                 "rlr": rlr}
                 for s in args.seeds for m in args.methods]  # fmt: skip
         before = evaluate(config, None, args.threads)  # the start model, before any run competes for the CPU
         with mp.get_context("spawn").Pool(args.parallel) as pool:  # (sdpo, ddpo) of one seed run side by side
             results = pool.map(run_one, jobs, chunksize=1)
-    print(f"## SDPO vs DDPO on Shapes (probe reward), {len(args.seeds)} seeds\n")
+    print(f"## {' vs '.join(m.upper() for m in args.methods)} on Shapes (probe reward), {len(args.seeds)} seeds\n")
     print(f"Command: `{command}`  ")
     print(
-        f"Preset: {args.preset} + {json.dumps(overrides)}; evaluation: {args.eval_prompts} held-out prompts, "
+        f"Preset: {args.preset} + {json.dumps(overrides)}; RLR settings {json.dumps(rlr)}; "
+        f"evaluation: {args.eval_prompts} held-out prompts, "
         f"{config.algo.eval_sampler}, η = {config.algo.eval_eta}, guidance {config.algo.eval_guidance}; "
         f"total wall-clock {(time.time() - t0) / 60:.1f} min\n"
     )
-    print(table(before, results, steps))
+    print(table(before, results, steps, args.methods))
     print("\n| method | seed | stopped by | train s | epochs | optimiser steps | reward queries |")
     print("|---|---|---|---|---|---|---|")
     for r in sorted(results, key=lambda r: (r["method"], r["seed"])):

@@ -54,14 +54,15 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_accelerate_two_processes_keep_lora_weights_identical(tiny_pipeline_dir, tmp_path):
+@pytest.mark.parametrize("method, reward, updates", [("sdpo", "jpeg-compressibility", 2), ("rlr", "shapes-probe", 1)])
+def test_accelerate_two_processes_keep_lora_weights_identical(tiny_pipeline_dir, tmp_path, method, reward, updates):
     accelerate = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
     if not Path(accelerate).exists():
         pytest.skip("accelerate is not installed")
     script, out, run = tmp_path / "spy.py", tmp_path / "steps", tmp_path / "runs" / "two"
     script.write_text(SPY)
     out.mkdir()
-    train = ["train", "--run", str(run), "--model", str(tiny_pipeline_dir), "--reward", "jpeg-compressibility",
+    train = ["train", "--run", str(run), "--model", str(tiny_pipeline_dir), "--reward", reward, "--method", method,
              "--epochs", "2", "--batch", "2", "--batches", "1", "--train-batch", "1", "--grad-accum", "2",
              "--train-steps", "2", "--eval-steps", "1", "--eval-prompts", "2", "--lora-rank", "2"]  # fmt: skip
     # --multi_gpu is accelerate's "start N processes with torch.distributed" (its --cpu starts only one); with no
@@ -76,7 +77,8 @@ def test_accelerate_two_processes_keep_lora_weights_identical(tiny_pipeline_dir,
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "finished"
     steps = sorted({int(p.stem.split("step")[1]) for p in out.glob("rank*-step*.pt")})
-    assert steps == [1, 2, 3, 4]  # K·pairs/(train batch·accum) = 2·2/(1·2) = 2 updates per epoch, 2 epochs
+    # SDPO: K·pairs/(train batch·accum) = 2·2/(1·2) = 2 updates per epoch; RLR: one per sampling batch (accum 2)
+    assert steps == list(range(1, 2 * updates + 1))
     previous = None
     for step in steps:
         a, b = (torch.load(out / f"rank{r}-step{step}.pt", weights_only=True) for r in (0, 1))
@@ -93,4 +95,4 @@ def test_accelerate_two_processes_keep_lora_weights_identical(tiny_pipeline_dir,
     assert [r["epoch"] for r in lines if r["event"] == "epoch"] == [1, 2]
     assert [r["epoch"] for r in lines if r["event"] == "eval"] == [0, 2]  # eval_every = 5: before and at the end
     epoch = next(r for r in lines if r["event"] == "epoch")
-    assert epoch["reward_queries"] > 0 and epoch["updates"] == 2
+    assert epoch["reward_queries"] > 0 and epoch["updates"] == updates
