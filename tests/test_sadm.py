@@ -268,3 +268,16 @@ def test_shifted_domain_is_readable_by_the_shipped_probe(shapes_probe):
     x = torch.from_numpy(np.stack([s.image for s in large])).permute(0, 3, 1, 2).float() / 255
     with torch.no_grad():
         assert prompt_accuracy(shapes_probe, x, [s.spec for s in large]).mean() >= 0.95
+
+
+def test_scratch_init_is_a_fresh_unet_fixed_by_the_seed(random_pipeline_dir):
+    from finetuners.models import load_model
+
+    pipes = [load_model(str(random_pipeline_dir), "cpu") for _ in range(3)]
+    loaded = _params(pipes[0].unet)
+    data = S.make_shapes_data(pipes[0], 4, seed=0)
+    unets = [S.SADMRun(p, S.SADMConfig(**{**TINY, "init": "scratch", "seed": s}), data).models.unet
+             for p, s in zip(pipes, (0, 0, 1))]  # fmt: skip
+    assert not _same(loaded, _params(unets[0]))
+    assert _same(_params(unets[0]), _params(unets[1])) and not _same(_params(unets[0]), _params(unets[2]))
+    assert pipes[0].unet is unets[0]  # the pipeline samples with the new UNet
