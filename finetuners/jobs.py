@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,6 +40,7 @@ LAUNCH_FILE, LOG_FILE = runs.LAUNCH_FILES
 ACTIVE = ("starting", "running", "stopping")  # states of a run whose process is (believed to be) alive
 DEFAULT_STOP_TIMEOUT_S = 30.0  # after a Stop, how long the trainer has to checkpoint and exit before SIGTERM
 KILL_GRACE_S = 5.0  # after SIGTERM, how long before SIGKILL
+LOW_DISK_BYTES = 1 << 20  # a run whose disk has less free space than this died of a full disk, most likely
 
 
 @dataclass(frozen=True)
@@ -291,9 +293,13 @@ class RunManager:
         else:
             state = "failed"
             error = f"the training process exited unexpectedly ({_exit_words(code)})" + _log_hint(path)
+            error += _disk_hint(path)
         extra = {k: v for k, v in status.items() if k not in ("state", "error", "time", "pid")}
-        runs.write_status(path, state, error=error, **extra)
-        (path / "STOP").unlink(missing_ok=True)
+        try:
+            runs.write_status(path, state, error=error, **extra)
+            (path / "STOP").unlink(missing_ok=True)
+        except OSError as e:  # a full disk: say what happened all the same (status.json is corrected later)
+            log.warning("cannot correct %s/status.json: %s", path, e)
         return state, error
 
     def _enforce_stop(self, name: str, child: _Child) -> None:
@@ -391,6 +397,18 @@ def _log_hint(path: Path) -> str:
     if errors:
         return f"; it said: {errors[-1].removeprefix('error:').strip()[:300]}"
     return f"; see {LOG_FILE} in the run folder" if last else ""
+
+
+def _disk_hint(path: Path) -> str:
+    """Words for a full disk under the run folder (the trainer's own message may not have fitted in train.log)."""
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return ""
+    if free >= LOW_DISK_BYTES:
+        return ""
+    return (f"; the disk holding the run is full (No space left on device: {free // 1024} kB free): free some space, "
+            "then Resume from the last checkpoint")  # fmt: skip
 
 
 def _last_epoch(path: Path) -> int | None:

@@ -398,15 +398,23 @@ class LabelStore:
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction, taken at its start (BEGIN IMMEDIATE) so writers queue on the busy timeout."""
+        """One write transaction, taken at its start (BEGIN IMMEDIATE) so writers queue on the busy timeout.
+        A full disk is a ``UserError`` (the transaction is rolled back: nothing of it is stored)."""
         conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
         try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:  # SQLite may already have rolled back after an I/O error
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.OperationalError as e:
+            if "full" not in str(e) and "disk I/O" not in str(e):
+                raise
+            raise UserError(f"the disk holding the label database is full ({e}): nothing was saved; free some space "
+                            "and try again") from e  # fmt: skip
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
