@@ -26,9 +26,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 from .errors import UserError
+from .names import typed_path
+
+MAX_PROMPT_FILE_BYTES = 50_000_000  # adapt-train --prompt-file
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -43,7 +45,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from .imageio import save_png
     from .models import load_model, model_defaults
 
-    out = Path(args.out)
+    out = typed_path(args.out, "--out folder")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {str(out)!r} exists and is not a folder")
     pipe = load_model(args.model, args.device, args.dtype, allow_download=args.allow_download)
@@ -95,10 +97,18 @@ def cmd_adapt_train(args: argparse.Namespace) -> int:
                               num_seeds=args.seeds, sampler=args.sampler, guidance=args.guidance, loss=args.loss,
                               lr=args.lr, epochs=args.epochs, seed=args.seed)  # fmt: skip
     if args.prompt_file:
+        path = typed_path(args.prompt_file, "--prompt-file")
+        if not path.is_file():
+            raise UserError(f"--prompt-file {args.prompt_file!r} is not a file")
         try:
-            lines = Path(args.prompt_file).read_text().splitlines()
-        except OSError as e:
-            raise UserError(f"cannot read --prompt-file {args.prompt_file!r}: {e.strerror}") from e
+            with open(path, "rb") as f:  # bounded: a size of 0 may be a lie (/dev/zero, /proc files)
+                data = f.read(MAX_PROMPT_FILE_BYTES + 1)
+            if len(data) > MAX_PROMPT_FILE_BYTES:
+                raise UserError(f"--prompt-file is larger than {MAX_PROMPT_FILE_BYTES // 1_000_000} MB")
+            lines = data.decode("utf-8-sig").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read --prompt-file {args.prompt_file!r}: {getattr(e, 'strerror', None) or e}"
+                            ) from e  # fmt: skip
         prompts = list(dict.fromkeys(line.strip() for line in lines if line.strip()))
     else:  # Shapes captions, none of them among the held-out evaluation prompts
         if not 1 <= args.prompts <= 5000:
@@ -136,7 +146,7 @@ def cmd_superpose(args: argparse.Namespace) -> int:
     from .models import load_model, model_defaults
     from .superdiff import SuperDiffConfig, superpose_models, superpose_prompts
 
-    out = Path(args.out)
+    out = typed_path(args.out, "--out folder")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {str(out)!r} exists and is not a folder")
     prompt_a = args.prompt_a if args.prompt_a is not None else args.prompt
@@ -280,9 +290,16 @@ def cmd_sadm(args: argparse.Namespace) -> int:
     return 0 if status["state"] in ("finished", "stopped") else 1
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (its usage block would bury them); the subcommands' parsers inherit it."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m finetuners", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = _Parser(prog="python -m finetuners", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -424,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)  # argparse itself exits 2 with a one-line usage error
+    args = parser.parse_args(argv)  # a bad flag: one line on stderr, exit 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args.func(args)
