@@ -100,15 +100,20 @@ class RunManager:
 
     # -- actions --------------------------------------------------------------------------------------------
     def start(self, name: str, config) -> RunInfo:
-        """Start a new run ``name`` training ``config`` (a ``TrainConfig``) in its own process."""
+        """Start a new run ``name`` training ``config`` in its own process: a ``TrainConfig`` (``python -m
+        finetuners train``) or a ``SADMConfig`` (``python -m finetuners sadm``)."""
         from .models import resolve_model_path
         from .rewards import make_reward
+        from .sadm import METHOD as SADM
+        from .sadm import SADMConfig
 
         path = self._path(name)
         if path.exists():
             raise UserError(f"a run named {name!r} already exists: choose another name (or Resume that run)")
-        resolve_model_path(config.algo.model)  # a missing model fails here, not in the child
-        make_reward(config.algo.reward, "cpu", config.reward_weights)  # a reward without weights fails here too
+        sadm = isinstance(config, SADMConfig)
+        resolve_model_path(config.model if sadm else config.algo.model)  # a missing model fails here, not in the child
+        if not sadm:
+            make_reward(config.algo.reward, "cpu", config.reward_weights)  # a reward without weights fails here too
         with self._lock:
             try:
                 path.mkdir(parents=True, exist_ok=False)
@@ -116,14 +121,17 @@ class RunManager:
                 raise UserError(f"a run named {name!r} already exists: choose another name") from e
             except OSError as e:
                 raise UserError(f"cannot create the run folder {str(path)!r}: {e.strerror}") from e
-            launch = {"config": config.to_dict(), "time": time.time(), "resume": False}
+            stored = {"method": SADM, "algo": config.to_dict()} if sadm else config.to_dict()
+            launch = {"config": stored, "time": time.time(), "resume": False}
             runs.write_json(path / LAUNCH_FILE, launch)
-            command = ["train", "--run", str(path), "--config", str(path / LAUNCH_FILE)]
+            command = [SADM if sadm else "train", "--run", str(path), "--config", str(path / LAUNCH_FILE)]
             self._spawn(name, path, command, launch)
         return self.info(name)
 
     def resume(self, name: str) -> RunInfo:
         """Continue a stopped or failed run from its last complete checkpoint, with its stored config."""
+        from .sadm import METHOD as SADM
+        from .sadm import check_resumable as check_sadm
         from .trainer import check_resumable
 
         path = self._existing(name)
@@ -132,11 +140,13 @@ class RunManager:
             raise UserError(f"run {name!r} is {info.state}: stop it before resuming")
         if info.state == "finished":
             raise UserError(f"run {name!r} has finished all its epochs: there is nothing to resume")
-        config = check_resumable(path)  # UserError: corrupt config.json, another model, no checkpoint
+        sadm = (_read_config(path)[0] or {}).get("method") == SADM
+        config = (check_sadm if sadm else check_resumable)(path)  # UserError: corrupt, another model, no checkpoint
         with self._lock:
             (path / "STOP").unlink(missing_ok=True)  # a stale request from before a crash would stop it at once
-            launch = {"config": config.to_dict(), "time": time.time(), "resume": True}
-            self._spawn(name, path, ["train", "--run", str(path), "--resume"], launch)
+            stored = {"method": SADM, "algo": config.to_dict()} if sadm else config.to_dict()
+            launch = {"config": stored, "time": time.time(), "resume": True}
+            self._spawn(name, path, [SADM if sadm else "train", "--run", str(path), "--resume"], launch)
         return self.info(name)
 
     def stop(self, name: str) -> RunInfo:
@@ -234,8 +244,9 @@ class RunManager:
             epoch = (status or {}).get("epoch")
         algo = (config or {}).get("algo", {}) if isinstance(config, dict) else {}
         return RunInfo(
-            name=name, path=path, state=state, error=error, epoch=epoch, num_epochs=algo.get("num_epochs"),
-            method=(config or {}).get("method"), reward=algo.get("reward"), model=algo.get("model"),
+            name=name, path=path, state=state, error=error, epoch=epoch,
+            num_epochs=algo.get("num_epochs", algo.get("epochs")), method=(config or {}).get("method"),
+            reward=algo.get("reward", _sadm_objective(algo)), model=algo.get("model"),
             adapter=algo.get("adapter"), checkpoints=tuple(n for n, _ in runs.list_checkpoints(path)),
             pid=pid, config_error=config_error,
         )  # fmt: skip
@@ -429,6 +440,13 @@ def _read_launch(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return launch if isinstance(launch, dict) and isinstance(launch.get("time"), int | float) else None
+
+
+def _sadm_objective(algo: dict) -> str | None:
+    """What a SADM run optimises, in words (it has no reward)."""
+    if "structure_weight" not in algo:
+        return None
+    return f"denoising + structure, λ = {algo['structure_weight']:g}" if algo["structure_weight"] else "denoising"
 
 
 def _config_from(config) -> dict | None:

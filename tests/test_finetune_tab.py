@@ -134,7 +134,8 @@ def test_bad_run_names_are_refused(backend, name, tmp_path):
 
 
 def test_the_gradio_handler_shows_the_message_and_selects_nothing(backend):
-    rlr = dict(rlr_h=2, zo_mode="likelihood ratio", s_nu=1e-3, truncation=1)
+    rlr = dict(rlr_h=2, zo_mode="likelihood ratio", s_nu=1e-3, truncation=1, structure_weight=0.1, domain="shapes",
+               init="fine-tune the model's UNet")  # fmt: skip
     values = [{**TINY, **rlr, "weights": "", "seed": 42, "learning_rate": 7.0}[k] for k in CONFIG_FIELDS]
     error, picker, name = on_start(backend, "from-the-ui", *values)
     assert "Cannot start" in error and "learning rate must be above 0 and at most 1, got 7.0" in error
@@ -379,3 +380,47 @@ def test_cli_config_file_gives_every_setting(backend, tmp_path):
                         "--epochs", "3"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert r.returncode == 2 and "--config gives every setting" in r.stderr and len(r.stderr.splitlines()) == 1
     assert not run.exists()
+
+
+# -- SADM-style runs in the same tab ------------------------------------------------------------------------------
+SADM_TINY = {**TINY, "method": "SADM-style", "batch": 2, "eval_steps": [1], "eval_prompts": 4, "epochs": 2,
+             "structure_weight": 0.1}  # fmt: skip
+
+
+def test_sadm_settings_are_validated_in_words(backend):
+    root = backend.runs_root
+    before = _tree_digest(root)
+    for change, message in [({"batch": 1}, "batch_size must be at least 2 for SADM"),
+                            ({"domain": "moon"}, "unknown domain 'moon'"),
+                            ({"structure_weight": -1}, "structure weight λ must be from 0"),
+                            ({"init": "whatever"}, "unknown initialisation 'whatever'")]:  # fmt: skip
+        with pytest.raises(UserError, match=message):
+            start_run(backend, "bad-sadm", **{**SADM_TINY, **change})
+    assert _tree_digest(root) == before
+    config = make_config(backend, **{**SADM_TINY, "domain": "large", "init": "from scratch"})
+    assert config.domain == "large" and config.init == "scratch" and config.structure_weight == 0.1
+
+
+def test_a_sadm_run_trains_shows_fd_and_losses_and_its_checkpoint_samples(backend, tiny_pipeline_dir):
+    from finetuners.models import load_model
+    from finetuners.runs import load_checkpoint_pipeline
+
+    info = start_run(backend, "sadm-run", **SADM_TINY)
+    assert info.state == "starting"
+    done = backend.run_manager().wait("sadm-run", timeout_s=240)
+    assert done.state == "finished", backend.run_manager().log_tail("sadm-run")
+    assert done.method == "sadm" and done.epoch == 2 and done.checkpoints and "λ = 0.1" in done.reward
+    view = run_view(backend, "sadm-run")
+    assert "SADM" in view.status and "epoch 2 of 2" in view.status
+    fd = view.figures["reward"]
+    assert "FD-probe" in fd.layout.title.text and [t.name for t in fd.data] == ["1 step"]
+    evals = [r for r in read_metrics(done.path) if r["event"] == "eval"]
+    assert list(fd.data[0].y) == [r["eval_fd_probe_k1"] for r in evals] and len(evals) == 3
+    assert [t.name for t in view.figures["loss"].data] == ["loss", "denoising loss", "structure loss"]
+    assert list(view.figures["accuracy"].data[0].y) == [r["eval_accuracy_k1"] for r in evals]
+    assert view.samples and view.samples[0][1].startswith("step ")
+    ref = f"run:sadm-run/step-{done.checkpoints[-1]}"
+    pipe = load_checkpoint_pipeline(backend.runs_root, ref, "cpu")
+    base = load_model(str(tiny_pipeline_dir), "cpu")
+    changed = [n for n, p in pipe.unet.named_parameters() if not torch.equal(p, base.unet.get_parameter(n))]
+    assert changed  # the fine-tuned UNet, not the base one

@@ -1,4 +1,5 @@
-"""The Fine-tune tab: SDPO, DDPO, RLR or a backprop baseline on a reward, run in a process of its own, watched live.
+"""The Fine-tune tab: SDPO, DDPO, RLR or a backprop baseline on a reward, or SADM-style structure-guided denoising
+training, run in a process of its own, watched live.
 
 The handlers proper (``make_config``, ``start_run``, ``stop_run``, ``resume_run``, ``run_view``) are plain Python
 over the backend's ``RunManager`` and raise ``UserError`` for bad input; the ``on_*`` adapters turn that into a
@@ -27,7 +28,15 @@ from .common import attempt, error_markdown
 log = logging.getLogger(__name__)
 
 REFRESH_S = 2.0  # live view period
-METHODS = {"SDPO": "sdpo", "DDPO": "ddpo", "RLR": "rlr", "DRaFT-K": "draft", "Full backprop": "bptt"}
+METHODS = {
+    "SDPO": "sdpo",
+    "DDPO": "ddpo",
+    "RLR": "rlr",
+    "DRaFT-K": "draft",
+    "Full backprop": "bptt",
+    "SADM-style": "sadm",
+}
+SADM_INITS = {"fine-tune the model's UNet": "pretrained", "from scratch": "scratch"}
 ZO_MODES = {"likelihood ratio": "lr", "SPSA": "spsa", "off (biased)": "off"}
 ADAPTERS = {"LoRA": "lora", "Full UNet": "full"}
 EVAL_STEP_CHOICES = (1, 2, 4, 8, 16)
@@ -45,19 +54,22 @@ LIMITS = {
     "RLR h": (0, 1000, True, False),
     "ZO perturbation std": (0.0, 10.0, False, True),
     "DRaFT-K steps K'": (1, 1000, True, False),
+    "SADM structure weight λ": (0.0, 1e4, False, False),
 }
 CONFIG_FIELDS = ("method", "reward", "learning_rate", "batch", "epochs", "train_steps", "eval_steps", "adapter",
                  "lora_rank", "weights", "batches_per_epoch", "eval_prompts", "eval_every", "seed", "rlr_h", "zo_mode",
-                 "s_nu", "truncation")  # fmt: skip
+                 "s_nu", "truncation", "structure_weight", "domain", "init")  # fmt: skip
 RUN_COLUMNS = ["run", "state", "method", "reward", "epoch", "checkpoints", "error"]
-CURVES = {  # plot id → (title, y-axis label, metrics key of the "epoch" records; None: the eval rewards)
-    "reward": ("Reward at each evaluation step count", "mean reward", None),
-    "loss": ("Loss", "loss", "loss"),
-    "grad_norm": ("Gradient norm (before clipping)", "‖g‖", "grad_norm"),
-    "memory": ("Peak memory", "MB", "peak_memory_mb"),
-    "speed": ("Optimiser steps per second", "it/s", "iterations_per_s"),
+CURVES = {  # plot id → (title, y-axis label, metrics keys of the "epoch" records, or the eval keys' prefixes)
+    "reward": ("Reward at each evaluation step count", "mean reward", ("eval_reward_k", "eval_fd_probe_k")),
+    "accuracy": ("Shapes-probe accuracy at each evaluation step count", "accuracy", ("eval_accuracy_k",)),
+    "loss": ("Loss", "loss", ("loss", "denoising_loss", "structure_loss")),
+    "grad_norm": ("Gradient norm (before clipping)", "‖g‖", ("grad_norm",)),
+    "memory": ("Peak memory", "MB", ("peak_memory_mb",)),
+    "speed": ("Optimiser steps per second", "it/s", ("iterations_per_s",)),
 }
-_SAMPLE = re.compile(r"^epoch-(\d+)_k(\d+)\.png$")
+EVAL_TITLES = {"eval_fd_probe_k": ("FD-probe at each evaluation step count (lower is better)", "FD-probe")}
+_SAMPLE = re.compile(r"^(epoch|step)-(\d+)_k(\d+)\.png$")  # trainer.py runs: epoch-N; SADM runs: step-N
 
 
 @dataclass
@@ -119,8 +131,10 @@ def check_reward(reward, weights) -> str:
 
 def make_config(backend: Backend, method, reward, learning_rate, batch, epochs, train_steps, eval_steps, adapter,
                 lora_rank, weights="", batches_per_epoch=2, eval_prompts=8, eval_every=1, seed=42, rlr_h=2,
-                zo_mode="likelihood ratio", s_nu=1e-3, truncation=1):  # fmt: skip
-    """Widget values → a validated ``TrainConfig`` for the app's model (``UserError`` in words otherwise)."""
+                zo_mode="likelihood ratio", s_nu=1e-3, truncation=1, structure_weight=0.1, domain="shapes",
+                init="fine-tune the model's UNet"):  # fmt: skip
+    """Widget values → a validated ``TrainConfig`` (``SADMConfig`` for SADM) for the app's model (``UserError`` in
+    words otherwise)."""
     from finetuners.models import resolve_device
     from finetuners.rlr import RLRConfig
     from finetuners.sdpo import SDPOConfig
@@ -143,12 +157,27 @@ def make_config(backend: Backend, method, reward, learning_rate, batch, epochs, 
         raise UserError(f"unknown ZO mode {zo_mode!r}: choose {' or '.join(ZO_MODES)}")
     rlr = RLRConfig(h=number("RLR h", rlr_h), zo_mode=ZO_MODES[zo_mode], s_nu=number("ZO perturbation std", s_nu),
                     truncation=number("DRaFT-K steps K'", truncation))  # fmt: skip
-    steps = sorted({int(s) for s in (eval_steps or [])})
+    if not isinstance(eval_steps, list | tuple | set) or not all(s in EVAL_STEP_CHOICES for s in eval_steps):
+        raise UserError(f"evaluation step counts must be some of {', '.join(map(str, EVAL_STEP_CHOICES))}, "
+                        f"got {eval_steps!r}"[:300])  # fmt: skip
+    steps = sorted({int(s) for s in eval_steps})
     if not steps:
         raise UserError("no evaluation step counts chosen: tick at least one")
-    reward = check_reward(reward, weights)
     settings = backend.settings
     device = resolve_device(settings.device)
+    if METHODS[method] == "sadm":  # denoising training on Shapes images: no reward, no adapter
+        from finetuners.sadm import SADMConfig
+        from finetuners.shapes.world import DOMAINS
+
+        if domain not in DOMAINS:
+            raise UserError(f"unknown domain {domain!r}: choose {' or '.join(DOMAINS)}")
+        if init not in SADM_INITS:
+            raise UserError(f"unknown initialisation {init!r}: choose {' or '.join(SADM_INITS)}")
+        return SADMConfig(model=settings.model, init=SADM_INITS[init], domain=domain, learning_rate=lr,
+                          structure_weight=number("SADM structure weight λ", structure_weight), batch_size=batch,
+                          epochs=epochs, steps_per_epoch=batches, seed=seed, device=str(device), eval_every=every,
+                          eval_images=max(n_eval, 2), eval_steps=tuple(steps), checkpoint_every=every)  # fmt: skip
+    reward = check_reward(reward, weights)
     precision = {"float16": "fp16", "bfloat16": "bf16"}.get(settings.dtype or "", "fp16")
     precision = "fp32" if device.type == "cpu" or settings.dtype in ("float32", "fp32") else precision
     # few-step evaluation (1/2/4/8 steps) needs trailing timesteps: leading spacing starts a 1-step sample at t = 1
@@ -215,39 +244,45 @@ def describe_status(info: RunInfo) -> str:
 
 
 def curve_figure(metrics: list[dict], plot: str):
-    """One live curve (plotly) from metrics.jsonl records; the reward plot has one line per eval step count."""
+    """One live curve (plotly) from metrics.jsonl records: the evaluation plots have one line per step count (of
+    the first of their metrics the run records), the others one line per metric the run records."""
     import plotly.graph_objects as go
 
-    title, y_title, key = CURVES[plot]
+    title, y_title, keys = CURVES[plot]
     fig = go.Figure()
-    if key is None:
+    if keys[0].startswith("eval_"):
         evals = [r for r in metrics if r.get("event") == "eval"]
-        ks = sorted({int(k[len("eval_reward_k") :]) for r in evals for k in r if k.startswith("eval_reward_k")})
+        prefix = next((p for p in keys if any(k.startswith(p) for r in evals for k in r)), keys[0])
+        title, y_title = EVAL_TITLES.get(prefix, (title, y_title))
+        ks = sorted({int(k[len(prefix) :]) for r in evals for k in r if k.startswith(prefix)})
         for k in ks:
-            rows = [r for r in evals if _finite(r.get(f"eval_reward_k{k}"))]
-            fig.add_trace(go.Scatter(x=[r["epoch"] for r in rows], y=[r[f"eval_reward_k{k}"] for r in rows],
+            rows = [r for r in evals if _finite(r.get(f"{prefix}{k}"))]
+            fig.add_trace(go.Scatter(x=[r["epoch"] for r in rows], y=[r[f"{prefix}{k}"] for r in rows],
                                      mode="lines+markers", name=f"{k} step{'s' * (k > 1)}"))  # fmt: skip
     else:
-        rows = [r for r in metrics if r.get("event") == "epoch" and _finite(r.get(key))]
-        fig.add_trace(go.Scatter(x=[r["epoch"] for r in rows], y=[r[key] for r in rows], mode="lines+markers",
-                                 name=y_title, showlegend=False))  # fmt: skip
+        epochs = [r for r in metrics if r.get("event") == "epoch"]
+        present = [k for k in keys if any(_finite(r.get(k)) for r in epochs)] or list(keys[:1])
+        for key in present:
+            rows = [r for r in epochs if _finite(r.get(key))]
+            fig.add_trace(go.Scatter(x=[r["epoch"] for r in rows], y=[r[key] for r in rows], mode="lines+markers",
+                                     name=key.replace("_", " "), showlegend=len(present) > 1))  # fmt: skip
     fig.update_layout(title=dict(text=title, font=dict(size=14)), template="plotly_white", height=260,
                       margin=dict(l=50, r=10, t=40, b=40), xaxis_title="epoch", yaxis_title=y_title,
                       xaxis_tickformat="d", legend=dict(orientation="h", y=-0.3))  # fmt: skip
     return fig
 
 
-def latest_samples(run_dir: Path) -> tuple[int | None, list[tuple[Path, int]]]:
-    """(epoch, [(png, K)]) of the newest evaluation's sample grids in samples/."""
+def latest_samples(run_dir: Path) -> tuple[str | None, list[tuple[Path, int]]]:
+    """("epoch N" or "step N", [(png, K)]) of the newest evaluation's sample grids in samples/."""
     found = {}
-    for p in (run_dir / "samples").glob("epoch-*_k*.png"):
+    for p in (run_dir / "samples").glob("*_k*.png"):
         m = _SAMPLE.match(p.name)
         if m:
-            found.setdefault(int(m.group(1)), []).append((p, int(m.group(2))))
+            found.setdefault((int(m.group(2)), m.group(1)), []).append((p, int(m.group(3))))
     if not found:
         return None, []
-    epoch = max(found)
-    return epoch, sorted(found[epoch], key=lambda x: x[1])
+    number, unit = max(found)
+    return f"{unit} {number}", sorted(found[number, unit], key=lambda x: x[1])
 
 
 def run_view(backend: Backend, name, previous_key: tuple | None = None) -> RunView | None:
@@ -256,8 +291,8 @@ def run_view(backend: Backend, name, previous_key: tuple | None = None) -> RunVi
     info = manager.info((name or "").strip())
     metrics_file = info.path / "metrics.jsonl"
     size = metrics_file.stat().st_size if metrics_file.exists() else 0
-    epoch, samples = latest_samples(info.path)
-    key = (info.name, info.state, info.error, info.epoch, size, epoch, tuple(p.name for p, _ in samples))
+    when, samples = latest_samples(info.path)
+    key = (info.name, info.state, info.error, info.epoch, size, when, tuple(p.name for p, _ in samples))
     if key == previous_key:
         return None
     metrics = manager.metrics(info.name)
@@ -268,7 +303,7 @@ def run_view(backend: Backend, name, previous_key: tuple | None = None) -> RunVi
             from PIL import Image
 
             with Image.open(path) as im:
-                images.append((im.convert("RGB"), f"epoch {epoch} · {k} step{'s' * (k > 1)}"))
+                images.append((im.convert("RGB"), f"{when} · {k} step{'s' * (k > 1)}"))
         except OSError:  # being replaced right now: the next refresh shows it
             continue
     points = sum(1 for r in metrics if r.get("event") == "eval")
@@ -378,6 +413,16 @@ def build_finetune_tab(backend: Backend) -> gr.Tab:
                         eval_every = gr.Number(value=1, precision=0, label="Evaluate every (epochs)",
                                                elem_id="finetune-eval-every")  # fmt: skip
                         seed = gr.Number(value=42, precision=0, label="Seed", elem_id="finetune-seed")
+                with gr.Accordion("SADM-style settings (denoising training on Shapes images)", open=False):
+                    from finetuners.shapes.world import DOMAINS
+
+                    with gr.Row():
+                        structure_weight = gr.Number(value=0.1, label="Structure weight λ (0: plain denoising)",
+                                                     elem_id="finetune-sadm-lambda")  # fmt: skip
+                        domain = gr.Dropdown(list(DOMAINS), value="shapes", label="Training images (domain)",
+                                             elem_id="finetune-sadm-domain")  # fmt: skip
+                        init = gr.Radio(list(SADM_INITS), value="fine-tune the model's UNet", label="Start from",
+                                        elem_id="finetune-sadm-init")  # fmt: skip
                 with gr.Accordion("RLR and backprop settings", open=False):
                     with gr.Row():
                         rlr_h = gr.Number(value=2, precision=0, label="RLR h (half-order sub-chain length)",
@@ -399,7 +444,9 @@ def build_finetune_tab(backend: Backend) -> gr.Tab:
                 run = gr.Dropdown([], label="Run", elem_id="finetune-run", interactive=True)
                 status = gr.Markdown("", elem_id="finetune-status")
                 plots = {}
-                plots["reward"] = gr.Plot(elem_id="finetune-curve-reward", show_label=False)
+                with gr.Row():
+                    plots["reward"] = gr.Plot(elem_id="finetune-curve-reward", show_label=False)
+                    plots["accuracy"] = gr.Plot(elem_id="finetune-curve-accuracy", show_label=False)
                 with gr.Row():
                     plots["loss"] = gr.Plot(elem_id="finetune-curve-loss", show_label=False)
                     plots["grad_norm"] = gr.Plot(elem_id="finetune-curve-grad-norm", show_label=False)
@@ -413,7 +460,8 @@ def build_finetune_tab(backend: Backend) -> gr.Tab:
                              wrap=True)  # fmt: skip
 
         config_inputs = [method, reward, lr, batch, epochs, train_steps, eval_steps, adapter, rank, weights, batches,
-                         eval_prompts, eval_every, seed, rlr_h, zo_mode, s_nu, truncation]  # fmt: skip
+                         eval_prompts, eval_every, seed, rlr_h, zo_mode, s_nu, truncation, structure_weight, domain,
+                         init]  # fmt: skip
         view_outputs = [status, table, run, *plots.values(), samples, view_key]
         fast = dict(concurrency_id="finetune", concurrency_limit=None)  # never behind a generation in the queue
 
