@@ -1,5 +1,6 @@
 """The Label tab through the real app (``python app.py`` in a subprocess): several clients labelling at once
-through the API, a SIGKILL in the middle of labelling, and the keyboard shortcuts in a headless browser."""
+through the API, SIGKILLs in the middle of labelling (once, and three times at seeded random moments with restarts),
+and the keyboard shortcuts in a headless browser."""
 
 from __future__ import annotations
 
@@ -101,12 +102,14 @@ def test_four_clients_label_at_once_and_nothing_crosses(start, tmp_path):
     print(f"4 clients × 50 labels through the app: {seconds:.1f} s ({200 / seconds:.0f} labels/s)")
 
 
-def test_sigkill_mid_labelling_loses_no_acknowledged_label(start, tmp_path):
-    data = tmp_path / "data"
-    app = start(data)
-    generate_pairs(app, 40)
+def label_until_killed(
+    app: App, names: list[str], seed: int, kill_after: int, extra_s: float = 0.0, new_pairs: int = 300
+) -> dict[str, list]:
+    """Label as every one of ``names`` in threads while ``new_pairs`` more pairs are being generated (images, then
+    rows); SIGKILL the app ``extra_s`` after ``kill_after`` labels were acknowledged. → the labels each name had
+    acknowledged, as ``labeller`` records them."""
     stop = threading.Event()
-    acked = {"ann": [], "bob": []}
+    acked = {name: [] for name in names}
     errors = []
 
     def until_killed(fn, *args):
@@ -117,43 +120,92 @@ def test_sigkill_mid_labelling_loses_no_acknowledged_label(start, tmp_path):
                 errors.append(f"{type(e).__name__}: {e}")
 
     threads = [
-        threading.Thread(target=until_killed, args=(labeller, app, name, 40, k, acked[name], stop), daemon=True)
-        for k, name in enumerate(acked)
+        threading.Thread(target=until_killed, args=(labeller, app, name, 40, seed + k, acked[name], stop), daemon=True)
+        for k, name in enumerate(names)
     ]
-    # Pairs are being generated (images, then rows) while the app dies, too.
-    threads.append(threading.Thread(target=until_killed, args=(generate_pairs, app, 300), daemon=True))
+    threads.append(threading.Thread(target=until_killed, args=(generate_pairs, app, new_pairs), daemon=True))
     for t in threads:
         t.start()
     deadline = time.monotonic() + 60
-    while sum(map(len, acked.values())) < 30 and time.monotonic() < deadline:
+    while sum(map(len, acked.values())) < kill_after and time.monotonic() < deadline:
         time.sleep(0.02)
+    time.sleep(extra_s)
     stop.set()
     app.kill()  # SIGKILL in the middle of labelling: no clean-up runs
     for t in threads:
         t.join(timeout=30)
     acknowledged = {name: list(v) for name, v in acked.items()}
     assert not errors, errors
-    assert sum(map(len, acknowledged.values())) >= 30
+    assert sum(map(len, acknowledged.values())) >= kill_after
+    return acknowledged
 
+
+def assert_acknowledged_labels_stored(data, acknowledged: dict[str, list]) -> int:
+    """The database after a kill: SQLite's integrity check passes, no pair points at a missing or altered image, no
+    label at a missing pair, and every acknowledged label is there, live, as it was acknowledged. → pairs stored."""
     with LabelStore(data / "labels.db") as store:
         conn = store._conn()
         assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
         report = store.integrity_check(verify_hashes=True)
         assert report.ok and report.missing_images == [] and report.corrupt_images == []
-        live = {r[0]: r[1:] for r in conn.execute("SELECT id, labeller, pair_id, choice FROM labels")}
+        orphans = conn.execute("SELECT COUNT(*) FROM labels WHERE pair_id NOT IN (SELECT id FROM pairs)").fetchone()
+        assert orphans == (0,)
+        live = {r[0]: r[1:] for r in conn.execute("SELECT id, labeller, pair_id, choice FROM labels "
+                                                   "WHERE undone_at IS NULL")}  # fmt: skip
         for name, labels in acknowledged.items():
             for label_id, pair, choice in labels:
-                assert live[label_id] == (name, pair, choice)
-        n_pairs = store.counts()["pairs"]
-    print(f"killed after {sum(map(len, acknowledged.values()))} acknowledged labels, {n_pairs} pairs stored")
+                assert live.get(label_id) == (name, pair, choice), (name, label_id)
+        return store.counts()["pairs"]
 
-    again = start(data)  # the restarted app serves the same labels and goes on
-    c = client(again)
-    out = c.predict("ann", api_name="/label_start")
-    done = int(re.search(r"\*\*ann\*\*: (\d+) done", out[4]).group(1))
-    assert done >= len(acknowledged["ann"])  # (a label committed just before the kill may not have been acked)
-    out = c.predict("ann", api_name="/label_left")
-    assert SAVED.search(out[3]) and out[5] == ""
+
+def assert_serves_again(app: App, name: str, acknowledged: int) -> tuple[int, int, str]:
+    """The restarted app shows ``name`` at least ``acknowledged`` labels done and takes a new one. → the new label
+    as ``labeller`` records it."""
+    c = client(app)
+    out = c.predict(name, api_name="/label_start")
+    done = int(re.search(rf"\*\*{re.escape(name)}\*\*: (\d+) done", out[4]).group(1))
+    assert done >= acknowledged  # (a label committed just before the kill may not have been acked)
+    shown = int(SHOWN.search(out[2]).group(1))
+    out = c.predict(name, api_name="/label_left")
+    assert out[5] == "", out[5]
+    label_id, said, pair, who = SAVED.search(out[3]).groups()
+    assert (said, int(pair), who) == ("left", shown, name)
+    return int(label_id), shown, "left"
+
+
+def test_sigkill_mid_labelling_loses_no_acknowledged_label(start, tmp_path):
+    data = tmp_path / "data"
+    app = start(data)
+    generate_pairs(app, 40)
+    acknowledged = label_until_killed(app, ["ann", "bob"], seed=0, kill_after=30)
+    n_pairs = assert_acknowledged_labels_stored(data, acknowledged)
+    print(f"killed after {sum(map(len, acknowledged.values()))} acknowledged labels, {n_pairs} pairs stored")
+    assert_serves_again(start(data), "ann", len(acknowledged["ann"]))  # the restarted app goes on
+
+
+def test_repeated_sigkill_at_random_moments_loses_no_acknowledged_label(start, tmp_path):
+    """Three SIGKILLs at seeded random moments (after a random number of acknowledged labels, plus a random
+    fraction of a second, while pairs are being generated), each followed by a restart on the same data folder.
+    After each: every label acknowledged so far (before any of the kills, or by a restarted app) is stored."""
+    rng = random.Random(9)
+    data = tmp_path / "data"
+    app = start(data)
+    generate_pairs(app, 64)  # enough for both labellers through all three rounds
+    acknowledged = {"ann": [], "bob": []}
+    for round_ in range(3):
+        kill_after, extra_s = rng.randint(4, 14), rng.uniform(0.0, 0.3)
+        t0 = time.monotonic()
+        acked = label_until_killed(app, list(acknowledged), seed=10 * round_, kill_after=kill_after, extra_s=extra_s)
+        for name, labels in acked.items():
+            acknowledged[name] += labels
+        n_pairs = assert_acknowledged_labels_stored(data, acknowledged)
+        app = start(data)
+        for name in acknowledged:  # the restarted app serves, and what it acknowledges must survive the next kill
+            acknowledged[name].append(assert_serves_again(app, name, len(acknowledged[name])))
+        print(f"kill {round_ + 1} after {sum(map(len, acked.values()))} labels (+{extra_s:.2f} s): {n_pairs} pairs, "
+              f"{sum(map(len, acknowledged.values()))} acknowledged in all; killed and back in "
+              f"{time.monotonic() - t0:.1f} s")  # fmt: skip
+    assert_acknowledged_labels_stored(data, acknowledged)
 
 
 @pytest.mark.browser
