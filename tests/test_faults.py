@@ -2,8 +2,9 @@
 process SIGKILLed again and again at random moments. After each, the app reports in words (a ``UserError``, a failed
 run with its reason), nothing already stored is lost, and every checkpoint listed as complete loads.
 
-Single SIGKILLs of the labelling app and of a trainer are in test_label_app.py, test_finetune_tab.py and
-test_trainer.py; these tests add the corruptions, the disk and the repetition. Runs are tiny (batch 2, K = 2) on the
+SIGKILLs of the labelling app (once, and three times with restarts) are in test_label_app.py, single SIGKILLs of a
+trainer in test_finetune_tab.py and test_trainer.py; these tests add the corruptions, the disk and the repeated
+trainer kills. Runs are tiny (batch 2, K = 2) on the
 app-test model, through the same ``python -m finetuners train`` a user or the Fine-tune tab starts.
 """
 
