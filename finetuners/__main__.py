@@ -216,7 +216,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides["eval_steps"] = tuple(args.eval_steps)
     rlr = {k: v for k, v in {
         "h": args.rlr_h, "c_fo": args.c_fo, "c_ho": args.c_ho, "c_zo": args.c_zo, "zo_mode": args.zo_mode,
-        "s_nu": args.s_nu, "zo_groups": args.zo_groups, "ho_rescale": args.ho_rescale, "eta": args.rlr_eta,
+        "s_nu": args.s_nu, "zo_groups": args.zo_groups, "zo_budget": args.zo_budget, "ho_rescale": args.ho_rescale,
+        "eta": args.rlr_eta,
         "truncation": args.truncation, "checkpointing": args.checkpointing,
     }.items() if v is not None}  # fmt: skip
     if rlr:
@@ -401,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--zo-mode", choices=("lr", "spsa", "off"), default=None, help="zeroth-order estimator")
     g.add_argument("--s-nu", type=float, default=None, help="std of the ZO parameter perturbations")
     g.add_argument("--zo-groups", type=int, default=None, help="ZO perturbations per step (0: one per sample)")
+    g.add_argument("--zo-budget", type=int, default=None, help="ZO steps per estimate (-1: all; n: n random, rescaled)")
     g.add_argument("--c-fo", type=float, default=None, help="weight of the first-order term")
     g.add_argument("--c-ho", type=float, default=None, help="weight of the half-order term")
     g.add_argument("--c-zo", type=float, default=None, help="weight of the zeroth-order term")

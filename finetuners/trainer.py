@@ -1,4 +1,5 @@
-"""The SDPO / DDPO training driver (ALGORITHMS.md §0, §1): a thin loop over the shared pure core.
+"""The training driver of SDPO, DDPO, RLR and the backprop baselines (ALGORITHMS.md §0–§2): a thin loop over the
+shared pure core.
 
     train(run_dir, config, stop_event=None, on_metrics=None)   # a new run
     train(run_dir, resume=True)                                # continue from the last complete checkpoint
@@ -6,7 +7,9 @@
 One epoch: sample (SDPO: pairs from one x_T, η = 1, CFG off; DDPO: single trajectories, η = 1), reward
 (SDPO: dense rewards from 3 queries per trajectory; DDPO: the final image), advantages (per (prompt, step)
 or per prompt FIFO), then updates (SDPO: step-shuffled columns, an optimiser step every ``grad_accum``
-minibatches; DDPO: PPO over all K steps accumulated into one optimiser step). AdamW, gradient norm clipped.
+minibatches; DDPO: PPO over all K steps accumulated into one optimiser step). RLR, DRaFT-K ("draft"), full
+backprop ("bptt") and REINFORCE sample and backpropagate in one pass per sampling batch (``rlr.py``; settings in
+``TrainConfig.rlr``), an optimiser step every ``grad_accum`` batches. AdamW, gradient norm clipped.
 Every ``eval_every`` epochs: mean reward (and Shapes probe accuracy) at ``eval_steps`` with the
 deterministic sampler on fixed prompts and seeds. The run folder layout is in ``runs.py``.
 
@@ -471,7 +474,7 @@ class Trainer:
         mean = self.dist.gather(torch.tensor(rewards))
         return {
             "loss": -float(mean.mean()), "grad_norm": _mean(norms), "reward_mean": float(mean.mean()),
-            "reward_std": float(mean.std(unbiased=False)), "grad_unet_calls": _mean(calls),
+            "grad_unet_calls": _mean(calls),
             "updates": self.global_step - updates0, "train_seconds": seconds,
             "iterations_per_s": (self.global_step - updates0) / max(seconds, 1e-9),
         }  # fmt: skip
