@@ -122,19 +122,28 @@ def load_model(id_or_path: str = DEFAULT_MODEL, device: str | None = "cpu", dtyp
         raise UserError(f"could not load {id_or_path!r} as a Stable-Diffusion pipeline: {_first_line(e)}") from e
     pipe = pipe.to(dev)
     pipe.set_progress_bar_config(disable=True)
-    if attention not in ("auto", "xformers", "sdpa"):
-        raise UserError(f"unknown attention backend {attention!r}: auto, xformers or sdpa")
-    if dev.type == "cuda" and attention in ("auto", "xformers"):
-        try:
-            pipe.enable_xformers_memory_efficient_attention()
-            log.info("xformers attention enabled")
-        except Exception as e:  # noqa: BLE001 - optional accelerator; report why it is off
-            if attention == "xformers":
-                raise UserError(f"xformers was asked for but cannot be used: {_first_line(e)}") from e
-            log.info("xformers not used: %s", _first_line(e))
+    configure_attention(pipe, dev, attention)
     pipe.finetuners_source = id_or_path
     pipe.finetuners_folder = folder
     return pipe
+
+
+def configure_attention(pipe, device: torch.device, attention: str = "auto") -> bool:
+    """xformers attention on CUDA when ``attention`` is "auto" (if it can be used) or "xformers" (required:
+    ``UserError`` otherwise); "sdpa" and every CPU keep PyTorch's attention. Returns whether xformers is on."""
+    if attention not in ("auto", "xformers", "sdpa"):
+        raise UserError(f"unknown attention backend {attention!r}: auto, xformers or sdpa")
+    if device.type != "cuda" or attention == "sdpa":
+        return False
+    try:
+        pipe.enable_xformers_memory_efficient_attention()
+    except Exception as e:  # noqa: BLE001 - optional accelerator; report why it is off
+        if attention == "xformers":
+            raise UserError(f"xformers was asked for but cannot be used: {_first_line(e)}") from e
+        log.info("xformers not used: %s", _first_line(e))
+        return False
+    log.info("xformers attention enabled")
+    return True
 
 
 def model_defaults(pipe) -> ModelDefaults:

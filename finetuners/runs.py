@@ -67,6 +67,51 @@ def read_json(path: str | Path):
         raise UserError(f"cannot read {str(path)!r}: {e}") from e
 
 
+def model_fingerprint(folder: str | Path) -> str:
+    """sha256 over the pipeline's config files and the sizes of its weight files (cheap, catches swaps)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in sorted(Path(folder).rglob("*")):
+        if p.is_file() and not p.name.startswith("."):
+            rel = p.relative_to(folder).as_posix()
+            h.update(rel.encode())
+            h.update(p.read_bytes() if p.suffix == ".json" else str(p.stat().st_size).encode())
+    return h.hexdigest()
+
+
+def new_run_record(run_dir: Path, model: str, **record) -> dict:
+    """config.json's content for a new run of ``model`` (its folder and fingerprint added to ``record``);
+    ``UserError`` if ``run_dir`` already holds anything but the run manager's launch files."""
+    from .models import resolve_model_path
+
+    if run_dir.exists() and not all(is_launch_file(p.name) for p in run_dir.iterdir()):
+        raise UserError(f"run folder {str(run_dir)!r} already exists and is not empty; "
+                        "use --resume to continue it or choose another name")  # fmt: skip
+    folder = resolve_model_path(model)
+    return {**record, "model_folder": str(folder), "model_fingerprint": model_fingerprint(folder)}
+
+
+def read_run_record(run_dir: Path) -> dict:
+    """config.json of a run to resume; ``UserError`` if there is none."""
+    if not (run_dir / "config.json").is_file():
+        raise UserError(f"cannot resume {str(run_dir)!r}: no config.json (not a run folder, or corrupt)")
+    return read_json(run_dir / "config.json")
+
+
+def resume_checkpoint(run_dir: Path, model: str, fingerprint: str) -> Path:
+    """The newest complete checkpoint of a run whose ``model`` is unchanged since it started (``UserError``
+    otherwise)."""
+    from .models import resolve_model_path
+
+    if model_fingerprint(resolve_model_path(model)) != fingerprint:
+        raise UserError(f"cannot resume {str(run_dir)!r}: the model {model!r} has changed since the run started")
+    ckpts = list_checkpoints(run_dir)
+    if not ckpts:
+        raise UserError(f"cannot resume {str(run_dir)!r}: no complete checkpoint")
+    return ckpts[-1][1]
+
+
 def append_metrics(run_dir: str | Path, record: dict) -> None:
     """Append one JSON line to metrics.jsonl and fsync it."""
     line = json.dumps(record, sort_keys=True, allow_nan=True) + "\n"
@@ -180,7 +225,6 @@ def load_checkpoint_pipeline(runs_root: str | Path, ref: str, device, dtype=None
     its whole UNet. ``loader(model_id, device, dtype)`` loads the base (default ``models.load_model``).
     ``UserError`` if the checkpoint is incomplete or the base model changed since the run was trained."""
     from .models import load_model, resolve_model_path
-    from .trainer import model_fingerprint
 
     run_dir, ckpt = resolve_checkpoint(runs_root, ref)
     record = read_json(run_dir / "config.json")

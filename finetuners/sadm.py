@@ -637,22 +637,12 @@ class SADMRun:
 
 def _prepare(run_dir: Path, config: SADMConfig | None, resume: bool) -> tuple[SADMConfig, dict, Path | None]:
     """Validate everything before writing anything. Returns (config, config.json record, checkpoint)."""
-    from .models import resolve_model_path
-    from .trainer import model_fingerprint
-
     if not resume:
         if config is None:
             raise UserError("a new run needs a config")
-        if run_dir.exists() and not all(runs.is_launch_file(p.name) for p in run_dir.iterdir()):
-            raise UserError(f"run folder {str(run_dir)!r} already exists and is not empty; "
-                            "use --resume to continue it or choose another name")  # fmt: skip
-        folder = resolve_model_path(config.model)
-        record = {"version": CONFIG_VERSION, "method": METHOD, "config": {"method": METHOD, "algo": config.to_dict()},
-                  "model_folder": str(folder), "model_fingerprint": model_fingerprint(folder)}  # fmt: skip
-        return config, record, None
-    if not (run_dir / "config.json").is_file():
-        raise UserError(f"cannot resume {str(run_dir)!r}: no config.json (not a run folder, or corrupt)")
-    record = runs.read_json(run_dir / "config.json")
+        return config, runs.new_run_record(run_dir, config.model, version=CONFIG_VERSION, method=METHOD,
+                                           config={"method": METHOD, "algo": config.to_dict()}), None  # fmt: skip
+    record = runs.read_run_record(run_dir)
     try:
         if record["config"]["method"] != METHOD:
             raise UserError(f"cannot resume {str(run_dir)!r} as SADM: it is a {record['config']['method']!r} run")
@@ -664,12 +654,7 @@ def _prepare(run_dir: Path, config: SADMConfig | None, resume: bool) -> tuple[SA
         a, b = config.to_dict(), stored.to_dict()
         raise UserError(f"cannot resume {str(run_dir)!r} with a different config "
                         f"({', '.join(sorted(k for k in a if a[k] != b[k]))})")  # fmt: skip
-    if model_fingerprint(resolve_model_path(stored.model)) != fingerprint:
-        raise UserError(f"cannot resume {str(run_dir)!r}: the model {stored.model!r} has changed since the run started")
-    ckpts = runs.list_checkpoints(run_dir)
-    if not ckpts:
-        raise UserError(f"cannot resume {str(run_dir)!r}: no complete checkpoint")
-    return stored, record, ckpts[-1][1]
+    return stored, record, runs.resume_checkpoint(run_dir, stored.model, fingerprint)
 
 
 def check_resumable(run_dir: str | Path) -> SADMConfig:

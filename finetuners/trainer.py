@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import logging
 import math
 import os
@@ -127,17 +126,6 @@ class TrainConfig:
 # ---------------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------------
-def model_fingerprint(folder: str | Path) -> str:
-    """sha256 over the pipeline's config files and the sizes of its weight files (cheap, catches swaps)."""
-    h = hashlib.sha256()
-    for p in sorted(Path(folder).rglob("*")):
-        if p.is_file() and not p.name.startswith("."):
-            rel = p.relative_to(folder).as_posix()
-            h.update(rel.encode())
-            h.update(p.read_bytes() if p.suffix == ".json" else str(p.stat().st_size).encode())
-    return h.hexdigest()
-
-
 def training_prompts(cfg: SDPOConfig, epoch: int, batch: int, n: int, rank: int = 0) -> list[str]:
     """The ``n`` prompts of one sampling batch, each repeated ``cfg.pairs_per_prompt`` times in consecutive rows
     (the last one fewer if that does not divide ``n``); process ``rank`` > 0 (``accelerate launch``) draws its own."""
@@ -543,21 +531,12 @@ def _mean(xs) -> float:
 # ---------------------------------------------------------------------------------------------------
 def _prepare(run_dir: Path, config: TrainConfig | None, resume: bool) -> tuple[TrainConfig, dict, Path | None]:
     """Validate everything before writing anything. Returns (config, stored config dict, checkpoint)."""
-    from .models import resolve_model_path
-
     if not resume:
         if config is None:
             raise UserError("a new run needs a config")
-        if run_dir.exists() and not all(runs.is_launch_file(p.name) for p in run_dir.iterdir()):
-            raise UserError(f"run folder {str(run_dir)!r} already exists and is not empty; "
-                            "use --resume to continue it or choose another name")  # fmt: skip
-        folder = resolve_model_path(config.algo.model)
-        record = {"version": CONFIG_VERSION, "config": config.to_dict(), "model_folder": str(folder),
-                  "model_fingerprint": model_fingerprint(folder)}  # fmt: skip
-        return config, record, None
-    if not (run_dir / "config.json").is_file():
-        raise UserError(f"cannot resume {str(run_dir)!r}: no config.json (not a run folder, or corrupt)")
-    record = runs.read_json(run_dir / "config.json")
+        return config, runs.new_run_record(run_dir, config.algo.model, version=CONFIG_VERSION,
+                                           config=config.to_dict()), None  # fmt: skip
+    record = runs.read_run_record(run_dir)
     try:
         stored = TrainConfig.from_dict(record["config"])
         fingerprint = record["model_fingerprint"]
@@ -568,14 +547,7 @@ def _prepare(run_dir: Path, config: TrainConfig | None, resume: bool) -> tuple[T
         diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
         diff += sorted(f"algo.{k}" for k in set(a["algo"]) | set(b["algo"]) if a["algo"].get(k) != b["algo"].get(k))
         raise UserError(f"cannot resume {str(run_dir)!r} with a different config ({', '.join(diff)})")
-    folder = resolve_model_path(stored.algo.model)
-    if model_fingerprint(folder) != fingerprint:
-        raise UserError(f"cannot resume {str(run_dir)!r}: the model {stored.algo.model!r} has changed since the "
-                        "run started")  # fmt: skip
-    ckpts = runs.list_checkpoints(run_dir)
-    if not ckpts:
-        raise UserError(f"cannot resume {str(run_dir)!r}: no complete checkpoint")
-    return stored, record, ckpts[-1][1]
+    return stored, record, runs.resume_checkpoint(run_dir, stored.algo.model, fingerprint)
 
 
 def check_resumable(run_dir: str | Path) -> TrainConfig:
@@ -691,4 +663,4 @@ def _final(run_dir: Path, dist: Dist, state: str, error: str | None = None) -> d
     return runs.read_status(run_dir) if dist.is_main else {"state": state, "error": error}
 
 
-__all__ = ["METHODS", "TrainConfig", "Trainer", "TrainingFailed", "check_resumable", "model_fingerprint", "train"]
+__all__ = ["METHODS", "TrainConfig", "Trainer", "TrainingFailed", "check_resumable", "train"]

@@ -27,6 +27,7 @@ import torch
 
 from finetuners.errors import UserError
 from finetuners.runs import checkpoint_ref, list_checkpoints, read_metrics, read_status, write_status
+from tests.app_process import wait_for
 from ui.backend import Backend, Settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,16 +49,6 @@ def _train(run: Path, *args: str, model: Path | None = None, wait: bool = True, 
         return subprocess.Popen(argv, cwd=REPO, env=env, stdout=log or subprocess.DEVNULL,
                                 stderr=log or subprocess.PIPE, start_new_session=True)  # fmt: skip
     return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def _wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
 def _loads(ckpt: Path) -> None:
@@ -276,7 +267,7 @@ def test_a_full_disk_fails_the_run_in_words_and_keeps_labels_and_checkpoints(sma
     log = open(run / "train.log", "wb")  # as the run manager starts a trainer: its output in the run's train.log
     proc = _train(run, "--epochs", "500", model=tiny_pipeline_dir, wait=False, log=log)
     try:
-        _wait_for(lambda: len(list_checkpoints(run)) >= 1, 120, "a first checkpoint")
+        wait_for(lambda: len(list_checkpoints(run)) >= 1, 120, "a first checkpoint")
         kept = {p.name: _digest(p) for _, p in list_checkpoints(run)}
         labels_before = store.digest()
         _fill(small_disk)
@@ -335,9 +326,9 @@ def test_repeated_sigkill_at_random_moments_keeps_every_checkpoint_loadable(tiny
         proc = _train(run, *args, model=tiny_pipeline_dir if i == 0 else None, wait=False)
         try:
             if i == 0:  # the first kill must leave a checkpoint to resume from
-                _wait_for(lambda have=have: len(list_checkpoints(run)) > have, 120, "a first checkpoint")
+                wait_for(lambda have=have: len(list_checkpoints(run)) > have, 120, "a first checkpoint")
             else:
-                _wait_for(lambda p=proc: (read_status(run) or {}).get("pid") == p.pid, 120, "the resumed trainer")
+                wait_for(lambda p=proc: (read_status(run) or {}).get("pid") == p.pid, 120, "the resumed trainer")
             time.sleep(rng.uniform(0.0, 2.5))
             assert proc.poll() is None, proc.stderr.read().decode()
             os.killpg(proc.pid, signal.SIGKILL)

@@ -19,6 +19,7 @@ import torch
 from finetuners.errors import UserError
 from finetuners.jobs import RunManager
 from finetuners.runs import list_checkpoints, read_metrics, read_status
+from tests.app_process import wait_for
 from ui.backend import Backend, Settings
 from ui.finetune_tab import (
     CONFIG_FIELDS,
@@ -44,16 +45,6 @@ def _tree_digest(folder: Path) -> dict:
         return {}
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
-
-
-def _wait_for(predicate, timeout_s: float = 90.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -262,11 +253,11 @@ def test_sigkill_is_reported_and_resume_continues_from_the_last_checkpoint(backe
     manager = backend.run_manager()
     start_run(backend, "killed", **{**TINY, "epochs": 500, "eval_every": 1000})
     path = backend.runs_root / "killed"
-    _wait_for(lambda: len(list_checkpoints(path)) >= 2, what="two checkpoints")
+    wait_for(lambda: len(list_checkpoints(path)) >= 2, what="two checkpoints")
     info = manager.info("killed")
     assert info.state == "running" and info.pid
     os.kill(info.pid, signal.SIGKILL)
-    info = _wait_for(lambda: (i := manager.info("killed")).state == "failed" and i, 10, "the death to be seen")
+    info = wait_for(lambda: (i := manager.info("killed")).state == "failed" and i, 10, "the death to be seen")
     assert "the training process exited unexpectedly (code -9: killed by SIGKILL" in info.error
     assert read_status(path)["state"] == "failed" and read_status(path)["error"] == info.error
     status, *_ = on_refresh(backend, "killed", None)
@@ -282,7 +273,7 @@ def test_sigkill_is_reported_and_resume_continues_from_the_last_checkpoint(backe
     assert manager.info("killed").state in ("starting", "running")
     with pytest.raises(UserError, match="stop it before resuming"):
         resume_run(backend, "killed")
-    _wait_for(lambda: any(r.get("event") == "epoch" and r["epoch"] > ckpt_epoch + 1 for r in read_metrics(path)),
+    wait_for(lambda: any(r.get("event") == "epoch" and r["epoch"] > ckpt_epoch + 1 for r in read_metrics(path)),
               what="two epochs after resuming")  # fmt: skip
     t0 = time.monotonic()
     stop_run(backend, "killed")
@@ -329,7 +320,7 @@ def test_a_trainer_that_ignores_stop_is_terminated(backend, tmp_path):
     manager = RunManager(tmp_path / "runs", python=_fake_python(tmp_path, RUNNING + "exec sleep 600\n"),
                          stop_timeout_s=0.5)  # fmt: skip
     manager.start("stubborn", _tiny_config(backend))
-    _wait_for(lambda: manager.info("stubborn").state == "running", 10, "the stand-in to run")
+    wait_for(lambda: manager.info("stubborn").state == "running", 10, "the stand-in to run")
     assert manager.stop("stubborn").state == "stopping"
     info = manager.wait("stubborn", timeout_s=15)
     assert info.state == "stopped" and "did not stop within 0.5 s and was terminated" in info.error
@@ -346,7 +337,7 @@ def test_a_trainer_that_ignores_stop_is_terminated(backend, tmp_path):
 def test_a_process_that_dies_silently_is_reported(backend, tmp_path, body, message):
     manager = RunManager(tmp_path / "runs", python=_fake_python(tmp_path, body))
     manager.start("dies", _tiny_config(backend))
-    info = _wait_for(lambda: (i := manager.info("dies")).state == "failed" and i, 15, "the failure to be seen")
+    info = wait_for(lambda: (i := manager.info("dies")).state == "failed" and i, 15, "the failure to be seen")
     assert message in info.error
     assert [i.name for i in manager.list()] == ["dies"]
 

@@ -110,7 +110,7 @@ def _adaptive(page) -> None:
     probs = plot.evaluate("p => Array.from(p.data[0].y)")
     assert len(probs) == 2 and abs(sum(probs) - 1) < 1e-4  # π over the two candidates
     info = page.locator("#adaptive-info").inner_text()
-    chosen = int(re.search(r"Chosen: (\d+) steps", info).group(1))
+    chosen = int(re.search(r"Chosen: (\d+) steps?", info).group(1))
     assert chosen in (1, 2)
     page.wait_for_function("() => [...document.querySelectorAll('#adaptive-ladder img')].filter(i => i.complete && "
                            "i.naturalWidth > 0).length >= 2")  # fmt: skip

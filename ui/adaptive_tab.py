@@ -26,7 +26,7 @@ from finetuners.errors import UserError
 from finetuners.generate import MAX_PROMPT_CHARS
 
 from .backend import Backend
-from .common import attempt, error_markdown, random_seed
+from .common import attempt, count, error_markdown, random_seed
 from .images import to_display
 
 log = logging.getLogger(__name__)
@@ -188,9 +188,9 @@ def run_prompt(backend: Backend, model, policy_name, prompt, seed, progress=None
     for j, u in enumerate(config.candidates):
         mark = " ← chosen" if u == steps[0] else ""
         score = f" · q {scores[j]:.2f}" if scores is not None else ""
-        gallery.append((to_display(images[j], px), f"{u} step{'s' * (u > 1)}{score}{mark}"))
+        gallery.append((to_display(images[j], px), f"{count(u, 'step')}{score}{mark}"))
     p = probs[0].tolist()
-    info = (f"**Chosen: {steps[0]} steps** (π = {max(p):.2f}) · candidates {list(config.candidates)} · "
+    info = (f"**Chosen: {count(steps[0], 'step')}** (π = {max(p):.2f}) · candidates {list(config.candidates)} · "
             f"sampler `{config.sampler}`, guidance {config.guidance:g}, seed {seed}")  # fmt: skip
     if scores is None:
         info += f"  \nno quality scores: {config.quality} cannot score this prompt"
@@ -317,7 +317,8 @@ def train_steps(backend: Backend, model, name, n_prompts, seeds, candidates_text
     iqs = ad.make_iqs(config.quality)
     prompts = ad.training_prompts(n_prompts, exclude=eval_prompts(1000))
     seeds = ad.ladder_seeds(len(prompts), config.num_seeds)
-    yield f"rendering {len(prompts)} prompts × {config.num_seeds} seeds at {list(config.candidates)} steps…", None
+    size = f"{count(len(prompts), 'prompt')} × {count(config.num_seeds, 'seed')}"
+    yield f"rendering {size} at {list(config.candidates)} steps…", None
     ladder_gen = _ladder(backend, model, prompts, seeds, config)
     while True:
         try:
@@ -336,7 +337,7 @@ def train_steps(backend: Backend, model, name, n_prompts, seeds, candidates_text
     last = result.history[-1]
     meta = {"model": model, "prompts": len(prompts), "final": last}
     ad.save_policy(folder, result.policy, config, meta, ladder)
-    yield (f"**saved {folder.name}** · {len(prompts)} prompts × {config.num_seeds} seeds · expected reward "
+    yield (f"**saved {folder.name}** · {size} · expected reward "
            f"{last['expected_reward']:.3f} · mean steps {last['mean_steps']:.2f} on the training prompts"), \
         result.history  # fmt: skip
 

@@ -63,3 +63,8 @@ def launch_alone(build_tab: Callable, title: str) -> None:
     with gr.Blocks(title=f"finetuners · {title}") as demo:
         build_tab(backend)
     demo.queue().launch()
+
+
+def count(n: int, noun: str) -> str:
+    """ "1 step", "2 steps": a number with its noun in the right number."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
