@@ -17,4 +17,7 @@ fi
 if [ ! -x /usr/bin/chromium ]; then
   echo "note: /usr/bin/chromium is missing, browser tests will be skipped (apt-get install chromium)" >&2
 fi
+# One torch thread in the test process: the apps and trainers it starts run beside it on the other core, and
+# OpenMP threads that outnumber free cores spin at every barrier (measured: a 30 s test took over 600 s).
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 exec .venv/bin/python -m pytest "$@"
