@@ -45,8 +45,9 @@ Choices the paper leaves open, made here (each is a ``SADMConfig`` field, record
 - **Data.** ``n_images`` real images of ``domain`` (``shapes.world.DOMAINS``: "shapes", or the shifted
   "large" for cross-domain fine-tuning) rendered from seed 1 000 000 + seed (not the shipped model's own
   training images), VAE-encoded once; each draw samples the latent posterior, as ``shapes/train.py`` does.
-- **Evaluation.** DDIM (η = 0, the pipeline's spacing), guidance 3, ``eval_images`` captions from
-  ``world.eval_prompts`` with seeds eval_seed + i; probe accuracy, and FD-probe against as many fresh real
+- **Evaluation.** ``eval_sampler`` with η = 0 (default DDIM on the pipeline's spacing; the Fine-tune tab uses
+  "ddim-trailing", as for the RL methods), guidance 3, ``eval_images`` captions from ``world.eval_prompts``
+  with seeds eval_seed + i; probe accuracy, and FD-probe against as many fresh real
   images of the target domain for the same captions (render seed 777, shared by every run so that runs are
   compared on one reference set).
 
@@ -198,6 +199,7 @@ class SADMConfig:
     eval_images: int = 64  # generated images (and fresh real ones) for FD-probe and accuracy
     eval_steps: tuple[int, ...] = (20,)  # DDIM step counts evaluated
     eval_guidance: float = 3.0
+    eval_sampler: str = "ddim"  # the pipeline's spacing; "ddim-trailing" for meaningful 1–4-step evaluations
     eval_seed: int = 0
     checkpoint_every: int = 5  # epochs (also at stop and at the end)
     keep_checkpoints: int = 3
@@ -210,7 +212,8 @@ class SADMConfig:
             if isinstance(v, list):
                 object.__setattr__(self, name, tuple(v))
         choices = {"init": INITS, "domain": tuple(DOMAINS), "adapter": ("full",), "structure_space": SPACES,
-                   "time_weighting": TIME_WEIGHTINGS, "centering": CENTERINGS}  # fmt: skip
+                   "time_weighting": TIME_WEIGHTINGS, "centering": CENTERINGS,
+                   "eval_sampler": ("ddim", "ddim-trailing", "lcm")}  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise UserError(f"unknown {name} {getattr(self, name)!r}: choose one of {', '.join(allowed)}")
@@ -497,7 +500,8 @@ def sadm_step(m: SADMModels, data: ShapesData, cfg: SADMConfig, step: int, gen_d
 # Evaluation: probe accuracy and FD-probe against fresh real images of the target domain
 # ---------------------------------------------------------------------------------------------------
 class ProbeEvaluator:
-    """Generates ``n`` images for ``world.eval_prompts(n)`` (seeds eval_seed + i, DDIM η = 0) and scores them."""
+    """Generates ``n`` images for ``world.eval_prompts(n)`` (seeds eval_seed + i, ``eval_sampler`` with η = 0) and
+    scores them."""
 
     def __init__(self, pipe, probe, cfg: SADMConfig, chunk: int = 64):
         from .shapes.world import eval_prompts, make_sample, parse_prompt
@@ -519,7 +523,7 @@ class ProbeEvaluator:
         pipe, cfg = self.pipe, self.cfg
         unet = pipe.unet
         alphas, final_alpha = schedule_tensors(pipe, pipe.device)
-        ts, kind, kwargs = sampler_setup(pipe, "ddim", steps)
+        ts, kind, kwargs = sampler_setup(pipe, cfg.eval_sampler, steps)
         guided = cfg.eval_guidance > 1.0
         out = []
         for s in range(0, len(self.prompts), self.chunk):

@@ -165,6 +165,8 @@ def make_config(backend: Backend, method, reward, learning_rate, batch, epochs, 
         raise UserError("no evaluation step counts chosen: tick at least one")
     settings = backend.settings
     device = resolve_device(settings.device)
+    # few-step evaluation (1/2/4/8 steps) needs trailing timesteps: leading spacing starts a 1-step sample at t = 1
+    sampler = "lcm" if backend.defaults(settings.model).sampler == "lcm" else "ddim-trailing"
     if METHODS[method] == "sadm":  # denoising training on Shapes images: no reward, no adapter
         from finetuners.sadm import SADMConfig
         from finetuners.shapes.world import DOMAINS
@@ -176,12 +178,11 @@ def make_config(backend: Backend, method, reward, learning_rate, batch, epochs, 
         return SADMConfig(model=settings.model, init=SADM_INITS[init], domain=domain, learning_rate=lr,
                           structure_weight=number("SADM structure weight λ", structure_weight), batch_size=batch,
                           epochs=epochs, steps_per_epoch=batches, seed=seed, device=str(device), eval_every=every,
-                          eval_images=max(n_eval, 2), eval_steps=tuple(steps), checkpoint_every=every)  # fmt: skip
+                          eval_images=max(n_eval, 2), eval_steps=tuple(steps), checkpoint_every=every,
+                          eval_sampler=sampler)  # fmt: skip
     reward = check_reward(reward, weights)
     precision = {"float16": "fp16", "bfloat16": "bf16"}.get(settings.dtype or "", "fp16")
     precision = "fp32" if device.type == "cpu" or settings.dtype in ("float32", "fp32") else precision
-    # few-step evaluation (1/2/4/8 steps) needs trailing timesteps: leading spacing starts a 1-step sample at t = 1
-    sampler = "lcm" if backend.defaults(settings.model).sampler == "lcm" else "ddim-trailing"
     per_prompt = next(k for k in (4, 2, 1) if batch % k == 0)  # pairs sharing a prompt (normalised together)
     pairs = batch * batches
     train_batch = 2 if pairs % 2 == 0 else 1  # minibatches must fill whole accumulation groups (§1.2(e))
