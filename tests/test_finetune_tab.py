@@ -197,6 +197,8 @@ def test_a_finished_run_shows_curves_samples_and_status(backend, finished_run):
     assert list(reward.data[1].y) == [r["eval_reward_k2"] for r in evals]
     for plot in ("loss", "grad_norm", "memory", "speed"):
         assert list(view.figures[plot].data[0].x) == [1, 2], plot
+    accuracy = view.figures["accuracy"]  # a JPEG reward: the Shapes probe's accuracy is not measured, and says so
+    assert not accuracy.data and accuracy.layout.annotations[0].text == "not measured for this run"
     assert [caption for _, caption in view.samples] == ["epoch 2 · 1 step", "epoch 2 · 2 steps"]
     assert run_view(backend, "finished-lora", view.key) is None  # nothing changed: nothing re-sent
     status, table, picker, *rest = on_refresh(backend, "finished-lora", None)

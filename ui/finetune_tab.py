@@ -260,6 +260,9 @@ def curve_figure(metrics: list[dict], plot: str):
             rows = [r for r in evals if _finite(r.get(f"{prefix}{k}"))]
             fig.add_trace(go.Scatter(x=[r["epoch"] for r in rows], y=[r[f"{prefix}{k}"] for r in rows],
                                      mode="lines+markers", name=f"{k} step{'s' * (k > 1)}"))  # fmt: skip
+        if evals and not ks:  # e.g. probe accuracy of a run on a non-Shapes reward
+            fig.add_annotation(text="not measured for this run", showarrow=False, xref="paper", yref="paper",
+                               x=0.5, y=0.5, font=dict(size=13, color="#888"))  # fmt: skip
     else:
         epochs = [r for r in metrics if r.get("event") == "epoch"]
         present = [k for k in keys if any(_finite(r.get(k)) for r in epochs)] or list(keys[:1])
