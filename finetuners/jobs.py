@@ -104,13 +104,12 @@ class RunManager:
         finetuners train``) or a ``SADMConfig`` (``python -m finetuners sadm``)."""
         from .models import resolve_model_path
         from .rewards import make_reward
-        from .sadm import METHOD as SADM
-        from .sadm import SADMConfig
 
         path = self._path(name)
         if path.exists():
             raise UserError(f"a run named {name!r} already exists: choose another name (or Resume that run)")
-        sadm = isinstance(config, SADMConfig)
+        subcommand, stored = _launch_of(config)
+        sadm = subcommand != "train"
         resolve_model_path(config.model if sadm else config.algo.model)  # a missing model fails here, not in the child
         if not sadm:
             make_reward(config.algo.reward, "cpu", config.reward_weights)  # a reward without weights fails here too
@@ -121,11 +120,9 @@ class RunManager:
                 raise UserError(f"a run named {name!r} already exists: choose another name") from e
             except OSError as e:
                 raise UserError(f"cannot create the run folder {str(path)!r}: {e.strerror}") from e
-            stored = {"method": SADM, "algo": config.to_dict()} if sadm else config.to_dict()
             launch = {"config": stored, "time": time.time(), "resume": False}
             runs.write_json(path / LAUNCH_FILE, launch)
-            command = [SADM if sadm else "train", "--run", str(path), "--config", str(path / LAUNCH_FILE)]
-            self._spawn(name, path, command, launch)
+            self._spawn(name, path, [subcommand, "--run", str(path), "--config", str(path / LAUNCH_FILE)], launch)
         return self.info(name)
 
     def resume(self, name: str) -> RunInfo:
@@ -144,9 +141,9 @@ class RunManager:
         config = (check_sadm if sadm else check_resumable)(path)  # UserError: corrupt, another model, no checkpoint
         with self._lock:
             (path / "STOP").unlink(missing_ok=True)  # a stale request from before a crash would stop it at once
-            stored = {"method": SADM, "algo": config.to_dict()} if sadm else config.to_dict()
+            subcommand, stored = _launch_of(config)
             launch = {"config": stored, "time": time.time(), "resume": True}
-            self._spawn(name, path, [SADM if sadm else "train", "--run", str(path), "--resume"], launch)
+            self._spawn(name, path, [subcommand, "--run", str(path), "--resume"], launch)
         return self.info(name)
 
     def stop(self, name: str) -> RunInfo:
@@ -440,6 +437,16 @@ def _read_launch(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return launch if isinstance(launch, dict) and isinstance(launch.get("time"), int | float) else None
+
+
+def _launch_of(config) -> tuple[str, dict]:
+    """(the ``python -m finetuners`` subcommand that trains ``config``, the config as launch.json stores it)."""
+    from .sadm import METHOD as SADM
+    from .sadm import SADMConfig
+
+    if isinstance(config, SADMConfig):
+        return SADM, {"method": SADM, "algo": config.to_dict()}
+    return "train", config.to_dict()
 
 
 def _sadm_objective(algo: dict) -> str | None:

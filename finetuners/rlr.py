@@ -155,13 +155,13 @@ class DiffusionChain:
         if nu is None:
             return self._mean_std(x, i, rows)
         rows = torch.arange(x.shape[0]) if rows is None else torch.as_tensor(rows)
-        means, stds = torch.empty_like(x), torch.empty(x.shape[0], *([1] * (x.ndim - 1)), dtype=x.dtype)
+        means = torch.empty_like(x)
+        stds = torch.empty(x.shape[0], *([1] * (x.ndim - 1)), dtype=x.dtype, device=x.device)
         for g in torch.unique(groups).tolist():
             sel = (groups == g).nonzero().flatten()
             with perturbed(self.params, [n[g] for n in nu]):
-                m, s = self._mean_std(x[sel], i, rows[sel])
-            means[sel], stds[sel] = m, s.to(stds.device)
-        return means, stds.to(x.device)
+                means[sel], stds[sel] = self._mean_std(x[sel], i, rows[sel])
+        return means, stds
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -169,11 +169,11 @@ class DiffusionChain:
 # ---------------------------------------------------------------------------------------------------
 @dataclass
 class Rollout:
-    """One sampled batch: latents x^(0..K) (detached), the noises z_i, the HO block and the ZO set and seeds."""
+    """One sampled batch: latents x^(0..K) (detached), the noises z_i (None on deterministic steps), the HO block and
+    the ZO set and seeds."""
 
     latents: list[torch.Tensor]
     noises: list[torch.Tensor | None]
-    stds: list[torch.Tensor]
     block: tuple[int, ...]  # HO steps j … j+h−1 (empty: none)
     ho_scale: float
     zo_steps: tuple[int, ...]
@@ -234,7 +234,7 @@ def sample_chain(chain, x_T: torch.Tensor, cfg: RLRConfig, *, generator: torch.G
     block, scale, zo_steps, zo_scale = plan_steps(K, cfg, generator)
     groups, G = row_groups(B, cfg.zo_groups)
     nus = zo_noise(chain.params, zo_seed, zo_steps, G, cfg.s_nu) if cfg.zo_mode == "lr" else {}
-    latents, noises, stds, x = [x_T.detach()], [], [], x_T.detach()
+    latents, noises, x = [x_T.detach()], [], x_T.detach()
     for i in range(K):
         mean, std = chain.mean_std(x, i, None, nus.get(i), groups if i in nus else None)
         z = randn_tensor(x.shape, generator=noise_generator, device=x.device, dtype=x.dtype)
@@ -242,8 +242,7 @@ def sample_chain(chain, x_T: torch.Tensor, cfg: RLRConfig, *, generator: torch.G
         x = mean + std * z if stochastic else mean
         latents.append(x)
         noises.append(z if stochastic else None)
-        stds.append(std)
-    return Rollout(latents, noises, stds, block, scale, zo_steps, zo_scale, zo_seed, groups, G)
+    return Rollout(latents, noises, block, scale, zo_steps, zo_scale, zo_seed, groups, G)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -419,7 +418,7 @@ def reinforce_backward(chain, x_T: torch.Tensor, reward: RewardOfLatent, *, nois
     score-function gradient of all K−1 noisy steps, K UNet calls with gradients."""
     from .steps import gaussian_log_prob
 
-    cfg = RLRConfig(h=0, zo_mode="off", eta=1.0)
+    cfg = RLRConfig(h=0, zo_mode="off")  # no HO block, no ZO step: the rollout alone
     rollout = sample_chain(chain, x_T, cfg, generator=torch.Generator(), zo_seed=0, noise_generator=noise_generator)
     _, r = first_order(chain, rollout, reward)
     (-c * scale * r.mean()).backward()
