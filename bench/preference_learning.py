@@ -17,8 +17,11 @@ The labels go through the real path: a ``LabelStore`` (PNG files, SQLite), then 
 (split by pair, early stopping). Each reward is then scored on fresh held-out pairs. Rows of the table,
 all on non-tie held-out pairs, against the labeller's noisy answers (ceiling 1 − flip) and its
 noise-free ones:
-- ``bt_cells``: the default model (probe cell readings × the caption's objects), trained on the labels;
+- ``bt_cells``: the default model (probe cell readings × the caption's objects, place words on grid rows and
+  columns, a joint term for relations), trained on the labels;
 - ``cells_prior_only``: the same model untrained (its prior alone), to show what the labels add;
+- ``bt_cells_free_w``: the cells model with a free cell × token matrix instead of the grid terms
+  (``geometry=False``, the model of earlier versions);
 - ``bt_mlp``: the generic MLP on the probe's penultimate features + the caption's attribute embedding;
 - ``probe_oracle``: the probe's log-prob difference (the labeller's own rule, before the flips).
 The probe: ``--probe`` if given, else the shipped ``assets/shapes-probe``, else a small probe trained here
@@ -262,15 +265,19 @@ def run_seed(args, probe, seed: int) -> dict:
                 else {"val_loss": round(metrics["val_loss"], 4), "best_step": metrics["best_step"]}
             )
 
-        for name, model in (("bt_cells", "cells"), ("bt_mlp", "mlp")):
+        for name, model, extra in (("bt_cells", "cells", {}), ("bt_cells_free_w", "cells", {"geometry": False}),
+                                   ("bt_mlp", "mlp", {})):  # fmt: skip
             t0 = time.time()
             with one_thread():
                 reward, metrics = train_from_store(
-                    store, Path(tmp) / name, probe, model=model, fit=FitConfig(seed=seed)
+                    store, Path(tmp) / name, probe, model=model, fit=FitConfig(seed=seed), **extra
                 )
             score(name, reward, metrics, time.time() - t0)
         # The cells model's prior alone (W = match_init·I, nothing learnt): what the 200 labels add to it.
-        score("cells_prior_only", PreferenceReward(PreferenceModel(PreferenceConfig()), ProbeFeatures(probe)), None, 0)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # q's default init, as fit_preference draws it
+            prior = PreferenceModel(PreferenceConfig())
+        score("cells_prior_only", PreferenceReward(prior, ProbeFeatures(probe)), None, 0)
         store.close()
     test_lp = lp_delta[args.labels :]
     result["probe_oracle"] = {
@@ -342,7 +349,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(f"probe: {probe_note}")
     print(f"{'':22s}{'vs noisy labels':>18s}{'vs noise-free':>16s}{'val (split by pair)':>22s}")
-    for name in ("bt_cells", "cells_prior_only", "bt_mlp", "probe_oracle"):
+    for name in ("bt_cells", "cells_prior_only", "bt_cells_free_w", "bt_mlp", "probe_oracle"):
         noisy, clean, val = (_mean([r[name].get(k) for r in results]) for k in _COLUMNS)
         print(f"{name:22s}{_fmt(noisy):>18s}{_fmt(clean):>16s}{_fmt(val):>22s}")
         summary[name] = {"heldout_acc_noisy": noisy, "heldout_acc_clean": clean, "val_acc_split_by_pair": val}

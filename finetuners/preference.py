@@ -5,14 +5,19 @@
 
 *Models.* Two small networks on frozen Shapes-probe features plus a prompt-attribute embedding:
 
-- ``"cells"`` (the default offline): the probe's per-cell readings, t_j = [P(empty), P(shape, colour) for
-  the 18 objects (shape and colour independent, as the probe factorises them), one-hot cell] (j = 1…9),
-  against the prompt's object tokens o_k = [one-hot object, position word, relation and role] (k ≤ 2):
-      r = Σ_k τ·logsumexp_j(t_jᵀ W o_k / τ) + q([occupied cells, objects asked for]).
-  W starts at ``match_init``·I on the object block (the prior "a cell that holds the object the prompt
-  names is good"); the labels then learn how much each object, place and relation matters, and q what
-  extra or missing objects cost. With 200 labels a generic MLP does not find this matching on its own
-  (bench/preference_learning.py measures both).
+- ``"cells"`` (the default offline): the probe's per-cell readings p_j(o) = P(cell j holds object o) (shape
+  and colour independent, as the probe factorises them), against the objects the prompt names. Object k
+  matches cell j by
+      s_kj = a·p_j(o_k) + b·p_j(shape of o_k) + c·p_j(colour of o_k) + rowcol_jᵀ V w_k,
+  rowcol_j the one-hot row and column of cell j on the 3×3 grid and w_k the prompt's place word. A prompt
+  with one object scores τ·logsumexp_j(s_0j / τ); one with two objects and a relation word ρ scores the soft
+  maximum over placements (j ≠ l) of s_0j + s_1l + u_ρᵀ g(j, l), g the row / column comparisons of the
+  two cells. Plus q([occupied cells, objects asked for]) for extra or missing objects. a starts at
+  ``match_init`` (the prior "a cell that holds the object the prompt names is good"); b, c, V and U start
+  at zero. The labels teach which grid rows and columns each place and relation word means, and how much
+  each part matters: 130 parameters, which 200 labels pin down, where a free cell × token matrix
+  (``geometry=False``, the model of earlier versions: 949 parameters) over-fits and a generic MLP finds no
+  matching at all (bench/preference_learning.py measures all three).
 - ``"mlp"`` (any feature vector: the probe's penultimate layer, or the CLIP image embedding of the user's
   local CLIP weights, ``ClipFeatures``):
       r = wᵀx̂ + u·h(x̂) + ⟨A·h(x̂), B·e(c)⟩,  x̂ the standardised features, h one hidden SiLU layer,
@@ -46,7 +51,7 @@ from torch import nn
 
 from .errors import UserError
 from .imageio import atomic_write_folder
-from .shapes.world import COLOR_NAMES, N_CELLS, POSITIONS, RELATIONS, SHAPES, parse_prompt
+from .shapes.world import COLOR_NAMES, GRID, N_CELLS, POSITIONS, RELATIONS, SHAPES, parse_prompt
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +126,26 @@ PROMPT_EMBEDDINGS: dict[str, tuple[Callable[[Sequence[str]], torch.Tensor] | Non
 # -- image features ------------------------------------------------------------------------------------------
 CELL_TOKEN_DIM = 1 + N_OBJECTS + N_CELLS  # P(empty), P(object), one-hot cell
 CELL_FEATURES_DIM = N_CELLS * CELL_TOKEN_DIM
+# Comparisons g(j, l) of two cells on the grid: row j < row l, row j > row l, column j < column l, column j > l.
+_COMPARISONS = ("row<", "row>", "col<", "col>")
+
+
+def _cell_rowcol() -> torch.Tensor:
+    """[9, 6]: one-hot row, then one-hot column, of each cell (row-major)."""
+    out = torch.zeros(N_CELLS, 2 * GRID)
+    for j in range(N_CELLS):
+        out[j, j // GRID] = out[j, GRID + j % GRID] = 1
+    return out
+
+
+def _cell_pair_comparisons() -> torch.Tensor:
+    """[9, 9, 4]: g(j, l), the _COMPARISONS of cell j against cell l."""
+    out = torch.zeros(N_CELLS, N_CELLS, len(_COMPARISONS))
+    for j in range(N_CELLS):
+        for k in range(N_CELLS):
+            (rj, cj), (rk, ck) = divmod(j, GRID), divmod(k, GRID)
+            out[j, k] = torch.tensor([rj < rk, rj > rk, cj < ck, cj > ck], dtype=torch.float32)
+    return out
 
 
 def module_digest(module: nn.Module) -> str:
@@ -288,6 +313,7 @@ class PreferenceConfig:
     rank: int = 16  # mlp: rank k of the image–prompt bilinear term
     match_init: float = 2.0  # cells: initial weight of "this cell holds the object the prompt names"
     tau: float = 0.2  # cells: temperature of the soft maximum over cells (→ 0: hard max)
+    geometry: bool = True  # cells: grid rows / columns for place words, and a joint term for relations
     feature_digest: str = ""  # digest of the probe / CLIP weights the features came from ("" = not checked)
     clip_folder: str = ""  # clip: the local CLIP folder (absolute) the reward reloads its encoder from
     text_dim: int = 0  # clip-text: size P of the CLIP text embedding (the CLIP projection_dim)
@@ -325,7 +351,15 @@ class PreferenceModel(nn.Module):
         super().__init__()
         self.config = config
         d, p, hdim = config.feature_dim, config.prompt_dim, config.hidden
-        if config.model == "cells":
+        if config.model == "cells" and config.geometry:
+            # a: the named object, b: its shape, c: its colour (partial credit), read in one cell.
+            self.match = nn.Parameter(torch.tensor([config.match_init, 0.0, 0.0]))
+            self.place = nn.Parameter(torch.zeros(2 * GRID, len(POSITIONS)))  # V: row / column × place word
+            self.relation = nn.Parameter(torch.zeros(len(RELATIONS), len(_COMPARISONS)))  # U
+            self.register_buffer("cell_rowcol", _cell_rowcol(), persistent=False)
+            self.register_buffer("cell_pairs", _cell_pair_comparisons(), persistent=False)
+            self.quality = nn.Sequential(nn.Linear(1 + MAX_OBJECTS, hdim), nn.SiLU(), nn.Linear(hdim, 1))
+        elif config.model == "cells":
             self.match = nn.Parameter(torch.zeros(CELL_TOKEN_DIM, OBJECT_TOKEN_DIM))  # W
             with torch.no_grad():
                 self.match[1 : 1 + N_OBJECTS, :N_OBJECTS] = config.match_init * torch.eye(N_OBJECTS)
@@ -359,9 +393,31 @@ class PreferenceModel(nn.Module):
         prompt_emb = prompt_emb.to(cells.dtype)
         tokens = prompt_emb[:, : MAX_OBJECTS * OBJECT_TOKEN_DIM].unflatten(1, (MAX_OBJECTS, OBJECT_TOKEN_DIM))
         present = prompt_emb[:, MAX_OBJECTS * OBJECT_TOKEN_DIM :]  # [B, 2]
-        scores = torch.einsum("bjc,cd,bkd->bkj", cells, self.match, tokens)  # [B, 2, 9]: object k in cell j
         tau = self.config.tau
-        matched = (tau * torch.logsumexp(scores / tau, dim=-1) * present).sum(-1)
+        if not self.config.geometry:
+            scores = torch.einsum("bjc,cd,bkd->bkj", cells, self.match, tokens)  # [B, 2, 9]: object k in cell j
+            matched = (tau * torch.logsumexp(scores / tau, dim=-1) * present).sum(-1)
+        else:
+            p_object = cells[..., 1 : 1 + N_OBJECTS]  # [B, 9, 18]
+            want = tokens[..., :N_OBJECTS]  # [B, 2, 18]
+            grid = (len(SHAPES), len(COLOR_NAMES))
+            scores = (
+                self.match[0] * torch.einsum("bjo,bko->bkj", p_object, want)
+                + self.match[1] * torch.einsum("bjs,bks->bkj", p_object.unflatten(-1, grid).sum(-1),
+                                               want.unflatten(-1, grid).sum(-1))
+                + self.match[2] * torch.einsum("bjc,bkc->bkj", p_object.unflatten(-1, grid).sum(-2),
+                                               want.unflatten(-1, grid).sum(-2))
+            )  # fmt: skip
+            place_word = tokens[..., N_OBJECTS : N_OBJECTS + len(POSITIONS)]  # [B, 2, 5]
+            scores = scores + torch.einsum("jg,gp,bkp->bkj", self.cell_rowcol.to(cells.dtype), self.place, place_word)
+            one = tau * torch.logsumexp(scores[:, 0] / tau, dim=-1)
+            # Two objects: the soft maximum over placements (j, l), j ≠ l, of s_0j + s_1l + u_relᵀ g(j, l).
+            relation = tokens[:, 0, N_OBJECTS + len(POSITIONS) :: 2]  # [B, 4]: the relation word (role 0)
+            pair_geometry = torch.einsum("br,rf,jlf->bjl", relation, self.relation, self.cell_pairs.to(cells.dtype))
+            joint = scores[:, 0, :, None] + scores[:, 1, None, :] + pair_geometry
+            joint = joint.masked_fill(torch.eye(N_CELLS, dtype=torch.bool, device=joint.device), float("-inf"))
+            two = tau * torch.logsumexp(joint.flatten(1) / tau, dim=-1)
+            matched = torch.where(present[:, 1] > 0, two, one * present[:, 0])
         occupied = (1 - cells[..., 0]).sum(-1, keepdim=True)  # expected number of objects in the image
         return matched + self.quality(torch.cat([occupied, present], -1)).squeeze(-1)
 
@@ -392,7 +448,7 @@ class PreferenceModel(nn.Module):
             raise UserError(f"no preference model in {folder}: train one from the labels first")
         try:
             doc = json.loads((folder / "config.json").read_text())
-            model = cls(PreferenceConfig(**doc["config"]))
+            model = cls(PreferenceConfig(**{"geometry": False} | doc["config"]))  # models saved before geometry
             model.load_state_dict(load_file(folder / "model.safetensors", device="cpu"))
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
             raise UserError(f"the preference model in {folder} is unreadable: {str(e).splitlines()[0]}") from e

@@ -4,6 +4,7 @@ gradients, persistence, and training from a label store."""
 from __future__ import annotations
 
 import io
+import json
 import math
 
 import numpy as np
@@ -33,7 +34,17 @@ from finetuners.preference import (
     train_from_store,
 )
 from finetuners.shapes.probe import ProbeConfig, ShapesProbe
-from finetuners.shapes.world import make_dataset, make_sample, parse_prompt
+from finetuners.shapes.world import (
+    COLOR_NAMES,
+    GRID,
+    N_CELLS,
+    POSITIONS,
+    RELATIONS,
+    SHAPES,
+    make_dataset,
+    make_sample,
+    parse_prompt,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -117,6 +128,67 @@ def test_cell_features_read_the_probe():
     assert torch.allclose(f[..., 0] + f[..., 1:19].sum(-1), torch.ones(2, 9), atol=1e-5)  # a distribution per cell
     assert torch.equal(f[0, :, 19:], torch.eye(9))
     assert ProbeFeatures(probe, "penultimate")(x).shape == (2, 8)
+
+
+def scene_features(objects: list[tuple[str, str, int]]) -> torch.Tensor:
+    """[1, 9 × 28] cell features of a scene the probe reads with certainty: (shape, colour, cell) per object."""
+    f = torch.zeros(N_CELLS, 28)
+    f[:, 0] = 1
+    f[:, 19:] = torch.eye(N_CELLS)
+    for shape, color, cell in objects:
+        f[cell, 0] = 0
+        f[cell, 1 + SHAPES.index(shape) * len(COLOR_NAMES) + COLOR_NAMES.index(color)] = 1
+    return f.flatten()[None]
+
+
+def test_cells_model_reads_places_and_relations_on_the_grid():
+    model = PreferenceModel(PreferenceConfig(hidden=4, tau=0.5))
+    with torch.no_grad():
+        model.quality[-1].weight.zero_()  # q constant: only the matching term is left
+    a, tau = model.config.match_init, model.config.tau
+
+    def r(prompt, objects):
+        with torch.no_grad():
+            return (
+                model.raw(scene_features(objects), shapes_object_tokens([prompt])).item()
+                - model.quality[-1].bias.item()
+            )
+
+    above = "a red circle above a blue square"
+    right, swapped = [("circle", "red", 0), ("square", "blue", 6)], [("circle", "red", 6), ("square", "blue", 0)]
+    # Relation weights at zero: a soft maximum over the 72 placements (j ≠ l) of a·[j holds red circle] + a·[l holds
+    # blue square]: one placement scores 2a, 14 score a, 57 score 0. Blind to the relation.
+    expected = tau * math.log(math.exp(2 * a / tau) + 14 * math.exp(a / tau) + 57)
+    assert r(above, right) == pytest.approx(expected, rel=1e-5) and r(above, swapped) == pytest.approx(
+        expected, rel=1e-5
+    )
+    # One object: a soft maximum over the 9 cells.
+    assert r("a red circle", right[:1]) == pytest.approx(tau * math.log(math.exp(a / tau) + 8), rel=1e-5)
+    with torch.no_grad():
+        model.relation[RELATIONS.index("above"), 0] = 3.0  # "above" ~ row of the first object < row of the second
+        model.place[GRID + 0, list(POSITIONS).index("on the left")] = 2.0  # "on the left" ~ column 0
+    assert r(above, right) > r(above, swapped) + 2
+    assert r(above.replace("above", "below"), right) == pytest.approx(expected, rel=1e-5)  # other words unchanged
+    left = "a red circle on the left"
+    # The three column-0 cells get +2 whether or not they hold the circle.
+    at_3 = tau * math.log(math.exp((a + 2) / tau) + 2 * math.exp(2 / tau) + 6)
+    at_5 = tau * math.log(math.exp(a / tau) + 3 * math.exp(2 / tau) + 5)
+    assert r(left, [("circle", "red", 3)]) == pytest.approx(at_3, rel=1e-5)
+    assert r(left, [("circle", "red", 5)]) == pytest.approx(at_5, rel=1e-5)
+    with torch.no_grad():
+        model.match[2] = 0.5  # partial credit for the right colour
+    assert r("a red circle", [("square", "red", 4)]) > r("a red circle", [("square", "blue", 4)])
+
+
+def test_cells_model_saved_before_the_grid_terms_still_loads(tmp_path):
+    old = PreferenceModel(PreferenceConfig(hidden=4, geometry=False))
+    old.save(tmp_path / "old")
+    doc = json.loads((tmp_path / "old" / "config.json").read_text())
+    del doc["config"]["geometry"]  # as written by earlier versions
+    (tmp_path / "old" / "config.json").write_text(json.dumps(doc))
+    loaded, _ = PreferenceModel.load(tmp_path / "old")
+    x, t = scene_features([("circle", "red", 0)]), shapes_object_tokens(["a red circle"])
+    assert loaded.config.geometry is False and torch.equal(loaded.raw(x, t), old.raw(x, t))
 
 
 def test_learns_a_planted_preference_from_200_noisy_labels():
