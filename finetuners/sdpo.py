@@ -226,6 +226,10 @@ PRESETS["shapes-full"] = dict(
     adapter="full",
     learning_rate=3e-5,  # 1e-4 degraded the 2-step model within 3 minutes (SDPO and DDPO alike)
 )
+# K_train = 8 on trailing timesteps, which hold every timestep of the 1/2/4/8-step evaluation samplers, with the
+# paper's λ = 0.99 (0.1 would leave steps 2…7 almost no weight). In 20 minutes it raised the probe reward at every
+# step count without losing 4- or 8-step accuracy, where K = 2 traded them for 1-step gains (docs/BENCHMARKS.md).
+PRESETS["shapes-k8"] = dict(PRESETS["shapes"], num_steps=8, lam=0.99)
 
 
 def training_reward(reward_fn, variant: str):

@@ -114,6 +114,11 @@ def test_rlr_settings_reach_the_run_config(backend):
     assert make_config(backend, **{**TINY, "method": "DRaFT-K", "reward": "shapes-probe"}).method == "draft"
 
 
+def test_trajectory_length_picks_the_step_weighting(backend):
+    short, long = (make_config(backend, **{**TINY, "train_steps": k}).algo for k in (2, 8))
+    assert (short.num_steps, short.lam) == (2, 0.1) and (long.num_steps, long.lam) == (8, 0.99)
+
+
 @pytest.mark.parametrize("name", ["../escape", "a/b", "..", ".hidden", "x" * 101, "with space"])
 def test_bad_run_names_are_refused(backend, name, tmp_path):
     root = backend.runs_root

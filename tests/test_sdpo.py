@@ -306,6 +306,8 @@ def test_config_presets_and_validation():
     assert shapes.num_steps == 2 and shapes.reward == "shapes-probe" and shapes.eval_steps == (1, 2, 4, 8)
     assert shapes.timestep_spacing == "trailing" and shapes.eval_sampler == "ddim-trailing"  # 1 step starts at 999
     assert shapes.eval_guidance <= 1.0 and shapes.min_count <= 2 * shapes.pairs_per_prompt
+    k8 = SDPOConfig.preset("shapes-k8")
+    assert (k8.num_steps, k8.lam, k8.timestep_spacing) == (8, 0.99, "trailing")
     assert SDPOConfig.preset("paper-imagereward").reward_variant == "raw"
     assert set(PRESETS) >= {"paper", "shapes"}
     assert SDPOConfig(**paper.to_dict()) == paper
