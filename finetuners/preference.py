@@ -398,16 +398,14 @@ class PreferenceModel(nn.Module):
             scores = torch.einsum("bjc,cd,bkd->bkj", cells, self.match, tokens)  # [B, 2, 9]: object k in cell j
             matched = (tau * torch.logsumexp(scores / tau, dim=-1) * present).sum(-1)
         else:
-            p_object = cells[..., 1 : 1 + N_OBJECTS]  # [B, 9, 18]
-            want = tokens[..., :N_OBJECTS]  # [B, 2, 18]
             grid = (len(SHAPES), len(COLOR_NAMES))
+            p_object = cells[..., 1 : 1 + N_OBJECTS].unflatten(-1, grid)  # [B, 9, 3, 6]: P(shape, colour) per cell
+            want = tokens[..., :N_OBJECTS].unflatten(-1, grid)  # [B, 2, 3, 6]: the named object, one-hot
             scores = (
-                self.match[0] * torch.einsum("bjo,bko->bkj", p_object, want)
-                + self.match[1] * torch.einsum("bjs,bks->bkj", p_object.unflatten(-1, grid).sum(-1),
-                                               want.unflatten(-1, grid).sum(-1))
-                + self.match[2] * torch.einsum("bjc,bkc->bkj", p_object.unflatten(-1, grid).sum(-2),
-                                               want.unflatten(-1, grid).sum(-2))
-            )  # fmt: skip
+                self.match[0] * torch.einsum("bjsc,bksc->bkj", p_object, want)
+                + self.match[1] * torch.einsum("bjs,bks->bkj", p_object.sum(-1), want.sum(-1))
+                + self.match[2] * torch.einsum("bjc,bkc->bkj", p_object.sum(-2), want.sum(-2))
+            )
             place_word = tokens[..., N_OBJECTS : N_OBJECTS + len(POSITIONS)]  # [B, 2, 5]
             scores = scores + torch.einsum("jg,gp,bkp->bkj", self.cell_rowcol.to(cells.dtype), self.place, place_word)
             one = tau * torch.logsumexp(scores[:, 0] / tau, dim=-1)
