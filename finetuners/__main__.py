@@ -196,7 +196,7 @@ def cmd_superpose(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from .rlr import RLRConfig
     from .runs import read_json, split_run_arg
-    from .sdpo import SDPOConfig
+    from .sdpo import SDPOConfig, shapes_preset
     from .trainer import TrainConfig, train
 
     run_dir = split_run_arg(args.run)
@@ -240,7 +240,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                      "rlr")}, **extra, "algo": algo})  # fmt: skip
     else:
         overrides.setdefault("model", "shapes")
-        algo = SDPOConfig.preset(args.preset or "shapes", **overrides)
+        algo = SDPOConfig.preset(args.preset or shapes_preset(args.train_steps), **overrides)
         config = TrainConfig(algo=algo, **extra)
     status = train(run_dir, config, resume=args.resume)
     print(f"{run_dir}: {status['state']}" + (f" ({status['error']})" if status.get("error") else ""))
@@ -375,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="pipeline folder, hub id in the local cache, or 'shapes'")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default=None)
-    p.add_argument("--preset", default=None, help="SDPO preset (default: shapes)")
+    p.add_argument("--preset", default=None, help="SDPO preset (default: shapes; shapes-k8 with --train-steps above 2)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--lr", type=float, default=None, help="AdamW learning rate, in (0, 1]")
     p.add_argument("--batch", type=int, default=None, help="prompts per sampling batch")

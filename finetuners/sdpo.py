@@ -232,6 +232,12 @@ PRESETS["shapes-full"] = dict(
 PRESETS["shapes-k8"] = dict(PRESETS["shapes"], num_steps=8, lam=0.99)
 
 
+def shapes_preset(num_steps: int | None) -> str:
+    """The Shapes preset for K_train = ``num_steps``: "shapes" (λ = 0.1, chosen for K = 2) up to 2 steps, else
+    "shapes-k8" (λ = 0.99). The Fine-tune tab and the CLI (without ``--preset``) start from it."""
+    return "shapes" if num_steps is None or num_steps <= 2 else "shapes-k8"
+
+
 def training_reward(reward_fn, variant: str):
     """The reward the policy is trained on: ``reward_fn`` itself, or for ``variant="probability"`` exp(reward)
     of a log-prob reward (the Shapes probe's P(image satisfies prompt), bounded in [0, 1] like accuracy)."""

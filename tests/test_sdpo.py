@@ -27,6 +27,7 @@ from finetuners.sdpo import (
     sdpo_clip_fraction,
     sdpo_loss,
     sdpo_minibatch_loss,
+    shapes_preset,
     shuffle_steps,
     step_tracker,
     step_weights,
@@ -308,6 +309,7 @@ def test_config_presets_and_validation():
     assert shapes.eval_guidance <= 1.0 and shapes.min_count <= 2 * shapes.pairs_per_prompt
     k8 = SDPOConfig.preset("shapes-k8")
     assert (k8.num_steps, k8.lam, k8.timestep_spacing) == (8, 0.99, "trailing")
+    assert [shapes_preset(k) for k in (None, 1, 2, 3, 8)] == ["shapes", "shapes", "shapes", "shapes-k8", "shapes-k8"]
     assert SDPOConfig.preset("paper-imagereward").reward_variant == "raw"
     assert set(PRESETS) >= {"paper", "shapes"}
     assert SDPOConfig(**paper.to_dict()) == paper

@@ -137,7 +137,7 @@ def make_config(backend: Backend, method, reward, learning_rate, batch, epochs, 
     words otherwise)."""
     from finetuners.models import resolve_device
     from finetuners.rlr import RLRConfig
-    from finetuners.sdpo import SDPOConfig
+    from finetuners.sdpo import SDPOConfig, shapes_preset
     from finetuners.trainer import TrainConfig
 
     if method not in METHODS:
@@ -188,9 +188,8 @@ def make_config(backend: Backend, method, reward, learning_rate, batch, epochs, 
     train_batch = 2 if pairs % 2 == 0 else 1  # minibatches must fill whole accumulation groups (§1.2(e))
     grad_accum = 2 if (pairs // train_batch) % 2 == 0 else 1
     spacing = "pipeline" if sampler == "lcm" else "trailing"
-    # The "shapes" preset's λ = 0.1 is for K = 2; longer trajectories take "shapes-k8"'s λ = 0.99.
     algo = SDPOConfig.preset(
-        "shapes" if k <= 2 else "shapes-k8", model=settings.model, precision=precision, reward=reward,
+        shapes_preset(k), model=settings.model, precision=precision, reward=reward,
         learning_rate=lr, sample_batch_size=batch, num_batches_per_epoch=batches, num_epochs=epochs, num_steps=k,
         adapter=ADAPTERS[adapter], lora_rank=rank, eval_steps=tuple(steps), eval_sampler=sampler, seed=seed,
         train_batch_size=train_batch, grad_accum=grad_accum, timestep_spacing=spacing,
