@@ -135,3 +135,33 @@ def test_frechet_distance_closed_form_and_properties():
     ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     ref = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(ca + cb - 2 * scipy.linalg.sqrtm(ca @ cb).real)
     assert frechet_distance(a, b) == pytest.approx(ref, rel=1e-9)
+
+
+def test_training_loss_weight_closed_form():
+    from finetuners.shapes.train import loss_weight
+
+    snr = torch.tensor([100.0, 5.0, 2.0, 1.0, 0.5, 0.01, 0.001])
+    # Min-SNR-5 above SNR 1: min(SNR, 5) / SNR; plain ε loss below it.
+    assert torch.allclose(loss_weight(snr, 5.0), torch.tensor([0.05, 1, 1, 1, 1, 1, 1]))
+    # With the high-noise cap, the x0 error's weight 1 / SNR below SNR 1, capped at 200.
+    assert torch.allclose(loss_weight(snr, 5.0, 200.0), torch.tensor([0.05, 1, 1, 1, 2, 100, 200]))
+    # A cap below 1 is no cap: the weight never falls under plain ε loss at high noise.
+    assert torch.allclose(loss_weight(snr, 5.0, 0.5), loss_weight(snr, 5.0))
+
+
+def test_training_script_smoke_with_relation_share_and_high_noise_weight(tmp_path):
+    """The whole training script on its smoke preset: a loadable pipeline, the probe, and a report that
+    records the relation share and high-noise weight it ran with."""
+    import json
+
+    from diffusers import StableDiffusionPipeline
+
+    from finetuners.shapes.train import main
+
+    main(["--preset", "smoke", "--out", str(tmp_path), "--relation-share", "0.5", "--high-noise-weight", "200"])
+    report = json.loads((tmp_path / "training.json").read_text())
+    assert report["config"]["relation_share"] == 0.5 and report["config"]["high_noise_weight"] == 200
+    assert report["unet_steps_done"] == 20 and 0 <= report["accuracy_4steps_cfg3"] <= 1
+    pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "shapes-sd"), use_safetensors=True)
+    assert pipe.unet.config.sample_size == 8
+    assert (tmp_path / "shapes-probe").is_dir()

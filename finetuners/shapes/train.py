@@ -59,6 +59,11 @@ class TrainConfig:
     eval_steps: int = 20
     save_every: int = 1500  # intermediate pipeline saves (EMA weights), so a long run is never all-or-nothing
     max_minutes: float = 0.0  # stop the UNet stage early past this wall-clock budget (0 = no budget)
+    # >1: at SNR < 1 the ε loss is weighted by min(1/SNR, this), i.e. by the x0 error capped here. The layout
+    # (which cell holds what) is decided at high noise, where a plain ε loss barely sees x0 (its x0 error is
+    # scaled by SNR, 0.005 at t = 999) and a relation word, which only constrains the layout, is never learned.
+    high_noise_weight: float = 1.0
+    relation_share: float = 0.0  # >0: this fraction of each UNet batch is drawn from relation captions only
 
 
 SHAPES_DEFAULTS = ModelDefaults(sampler="ddim", steps=20, guidance=3.0)
@@ -89,6 +94,16 @@ def _lr_lambda(warmup: int, total: int):
     return f
 
 
+def loss_weight(snr: torch.Tensor, min_snr_gamma: float, high_noise_weight: float = 1.0) -> torch.Tensor:
+    """Weight of the per-sample ε loss at signal-to-noise ratio ``snr``.
+
+    Above SNR 1 it is Min-SNR-γ in its ε-prediction form, min(SNR, γ) / SNR. Below SNR 1 it is the x0 error's
+    weight 1 / SNR (since |x̂0 - x0|² = |ε̂ - ε|² / SNR), capped at ``high_noise_weight``; a cap of 1 is
+    plain ε loss there. The two meet at SNR 1 whenever γ ≥ 1.
+    """
+    return snr.clamp(max=min_snr_gamma) / snr * (1 / snr).clamp(1.0, max(1.0, high_noise_weight))
+
+
 def _template(prompt: str) -> str:
     spec = parse_prompt(prompt)
     return "relation" if spec.relation else "position" if spec.position else "object"
@@ -111,7 +126,7 @@ def train(config: TrainConfig, out: Path, device: str = "cpu", resume: Path | No
     report: dict = {"config": asdict(config), "device": device, "torch": torch.__version__}
     if resume is not None:
         earlier = json.loads((resume / "training.json").read_text()) if (resume / "training.json").exists() else {}
-        report["resumed_from"] = {k: v for k, v in earlier.items() if k != "resumed_from"} | {"path": str(resume)}
+        report["resumed_from"] = earlier | {"path": str(resume)}  # the whole history, one level per stage
 
     # 1. data ---------------------------------------------------------------------------------------
     data = make_dataset(config.n_images, seed=config.seed)
@@ -222,6 +237,8 @@ def train(config: TrainConfig, out: Path, device: str = "cpu", resume: Path | No
     # Batches are drawn on the training device: latent moments, token ids and noise all live there.
     mean_d, std_d, ids_d, empty_d = mean.to(device), std.to(device), ids_all.to(device), empty_ids.to(device)
     dgen = torch.Generator(device).manual_seed(config.seed + 1)
+    rel_idx = torch.tensor([i for i, s in enumerate(data) if s.spec.relation], device=device)
+    n_rel = round(config.relation_share * config.unet_batch)
     t_unet = time.time()
     # With a wall-clock budget, the cosine schedule follows whichever runs out first: steps or time.
     unet_budget = 60 * config.max_minutes - (t_unet - t_start) if config.max_minutes else 0.0
@@ -232,6 +249,9 @@ def train(config: TrainConfig, out: Path, device: str = "cpu", resume: Path | No
         for group in opt.param_groups:
             group["lr"] = config.unet_lr * lr_at(eff_step)
         idx = torch.randint(0, len(data), (config.unet_batch,), generator=dgen, device=device)
+        if n_rel:
+            pick = torch.randint(0, len(rel_idx), (n_rel,), generator=dgen, device=device)
+            idx = torch.cat([rel_idx[pick], idx[n_rel:]])
         z0 = (mean_d[idx] + std_d[idx] * torch.randn(mean_d[idx].shape, generator=dgen, device=device)) * scaling
         eps = torch.randn(z0.shape, generator=dgen, device=device)
         t = torch.randint(0, 1000, (len(idx),), generator=dgen, device=device)
@@ -240,8 +260,7 @@ def train(config: TrainConfig, out: Path, device: str = "cpu", resume: Path | No
         drop = torch.rand(len(idx), generator=dgen, device=device) < config.caption_dropout
         ids = torch.where(drop[:, None], empty_d, ids_d[idx])
         hidden = text_encoder(ids).last_hidden_state
-        snr = a.flatten() / (1 - a.flatten())
-        weight = snr.clamp(max=config.min_snr_gamma) / snr  # ε-prediction form of Min-SNR-γ
+        weight = loss_weight(a.flatten() / (1 - a.flatten()), config.min_snr_gamma, config.high_noise_weight)
         loss = (weight * (unet(zt, t, hidden).sample - eps).pow(2).mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -314,14 +333,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-minutes", type=float, default=0.0, help="wall-clock budget for the whole run")
     p.add_argument("--unet-steps", type=int, help="override the preset's UNet steps")
     p.add_argument("--unet-lr", type=float, help="override the preset's UNet learning rate")
+    p.add_argument("--high-noise-weight", type=float, help="cap of the x0-error weighting at SNR < 1 (1 = off)")
+    p.add_argument("--relation-share", type=float, help="fraction of each UNet batch drawn from relation captions")
     p.add_argument("--resume", type=Path, help="continue the UNet of an earlier --out (keeps its VAE and probe)")
     args = p.parse_args(argv)
+    if args.relation_share is not None and not 0 <= args.relation_share <= 1:
+        p.error(f"--relation-share must be between 0 and 1, got {args.relation_share}")
+    if args.high_noise_weight is not None and args.high_noise_weight < 1:
+        p.error(f"--high-noise-weight must be at least 1 (1 = plain ε loss), got {args.high_noise_weight}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     config = replace(PRESETS[args.preset], seed=args.seed, max_minutes=args.max_minutes)
     if args.unet_steps:
         config = replace(config, unet_steps=args.unet_steps)
     if args.unet_lr:
         config = replace(config, unet_lr=args.unet_lr)
+    if args.high_noise_weight is not None:
+        config = replace(config, high_noise_weight=args.high_noise_weight)
+    if args.relation_share is not None:
+        config = replace(config, relation_share=args.relation_share)
     report = train(config, args.out, args.device, resume=args.resume)
     print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))
 
