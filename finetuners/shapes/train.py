@@ -61,7 +61,8 @@ class TrainConfig:
     max_minutes: float = 0.0  # stop the UNet stage early past this wall-clock budget (0 = no budget)
     # >1: at SNR < 1 the ε loss is weighted by min(1/SNR, this), i.e. by the x0 error capped here. The layout
     # (which cell holds what) is decided at high noise, where a plain ε loss barely sees x0 (its x0 error is
-    # scaled by SNR, 0.005 at t = 999) and a relation word, which only constrains the layout, is never learned.
+    # scaled by SNR, 0.005 at t = 999): a relation word, which only constrains the layout, went unlearnt by the
+    # plain loss for 22 000 steps (docs/SHAPES.md).
     high_noise_weight: float = 1.0
     relation_share: float = 0.0  # >0: this fraction of each UNet batch is drawn from relation captions only
 
