@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from finetuners.generate import SampleRequest, generate  # noqa: E402
+from finetuners.generate import SampleRequest, encode, generate  # noqa: E402
 from finetuners.models import PROBE_PATH, load_model  # noqa: E402
 from finetuners.shapes.probe import ShapesProbe, read_scene  # noqa: E402
 from finetuners.shapes.world import RELATIONS, eval_prompts, make_dataset, parse_prompt  # noqa: E402
@@ -113,12 +113,8 @@ def relation_loss_gap(pipe) -> None:
     data = [s for s in make_dataset(4000, seed=777) if s.spec.relation][:256]
     z0 = latents(pipe, data)
 
-    def states(captions):
-        ids = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                             return_tensors="pt").input_ids  # fmt: skip
-        return pipe.text_encoder(ids).last_hidden_state
-
-    right, wrong = states([s.caption for s in data]), states([swapped(s) for s in data])
+    right = encode(pipe, [s.caption for s in data], None, False)[0]
+    wrong = encode(pipe, [swapped(s) for s in data], None, False)[0]
     g = torch.Generator().manual_seed(0)
     print(f"\n{len(data)} relation images: x0 error with the right relation word / the opposite one")
     for t in (999, 800, 600, 400):
