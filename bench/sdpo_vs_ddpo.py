@@ -12,9 +12,10 @@ Before and after, the bench evaluates the run's checkpoint with ``Trainer.evalua
 prompt set (``shapes.world.eval_prompts``, seeds 0…n−1) at 1, 2, 4 and 8 steps with the preset's evaluation
 sampler (deterministic DDIM, trailing timesteps, CFG off as trained): mean probe log-prob reward and exact
 probe accuracy. The table gives mean ± std over seeds (population std; n = number of seeds).
-Runs go ``--parallel`` at a time, each process with ``--threads`` torch threads. ``--rlr`` sets the RLR / DRaFT-K
-settings (``rlr.RLRConfig``) of the gradient methods; the "reward per minute" column is the gain of the mean probe
-reward at each step count over the start model, divided by the training minutes.
+Runs go ``--parallel`` at a time, each on ``--processes`` data-parallel processes (``accelerate launch``; 1: in
+the bench's own worker) with ``--threads`` torch threads each; reward queries count every process's. ``--rlr``
+sets the RLR / DRaFT-K settings (``rlr.RLRConfig``) of the gradient methods; the "reward per minute" column is the
+gain of the mean probe reward at each step count over the start model, divided by the training minutes.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
@@ -99,7 +101,10 @@ def run_one(job: dict) -> dict:
                 clock["reason"] = "queries"
                 stop.set()
 
-    status = train(run_dir, config, stop_event=stop, on_metrics=on_metrics)
+    if job["processes"] > 1:
+        status = train_launched(run_dir, config, job, on_metrics, stop)
+    else:
+        status = train(run_dir, config, stop_event=stop, on_metrics=on_metrics)
     seconds = time.perf_counter() - clock["start"]
     clock["timer"].cancel()
     metrics = runs.read_metrics(run_dir)
@@ -110,6 +115,39 @@ def run_one(job: dict) -> dict:
     return {"method": job["method"], "seed": job["seed"], "state": status["state"], "stop_reason": clock["reason"],
             "train_seconds": seconds, "epochs": last["epoch"], "optimiser_steps": last["global_step"],
             "reward_queries_completed_epochs": queries, "eval": result}  # fmt: skip
+
+
+def train_launched(run_dir: Path, config, job: dict, on_metrics, stop: threading.Event) -> dict:
+    """The same run on ``job["processes"]`` data-parallel processes: ``accelerate launch … -m finetuners train``
+    (gloo on a CPU), ``job["threads"]`` torch threads each. The budgets are watched in the run's metrics file, and a
+    STOP file ends the run (all processes stop together at the next minibatch)."""
+    import subprocess
+
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    launch = run_dir.parent / f"{run_dir.name}.json"
+    launch.write_text(json.dumps({"config": config.to_dict()}))
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", str(job["processes"]), "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(29500 + job["seed"] % 1000),
+           "-m", "finetuners", "train", "--run", str(run_dir), "--config", str(launch)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"]), "PYTHONPATH": str(REPO)}
+    log = run_dir.parent / f"{run_dir.name}.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        seen = 0
+        while proc.poll() is None:
+            time.sleep(1.0)
+            metrics = run_dir / "metrics.jsonl"
+            lines = metrics.read_text().splitlines() if metrics.exists() else []
+            for line in lines[seen:]:
+                if line.strip():
+                    on_metrics(json.loads(line))
+            seen = len(lines)
+            if stop.is_set() and run_dir.exists() and not (run_dir / "STOP").exists():
+                (run_dir / "STOP").touch()
+    if proc.returncode != 0:
+        raise RuntimeError(f"accelerate launch exited with {proc.returncode}: see {log}\n{log.read_text()[-2000:]}")
+    return json.loads((run_dir / "status.json").read_text())
 
 
 def table(before: dict, results: list[dict], steps: tuple[int, ...], methods=METHODS) -> str:
@@ -147,7 +185,8 @@ def main() -> None:
     p.add_argument("--queries", type=int, default=10**9, help="reward queries per run")
     p.add_argument("--eval-prompts", type=int, default=256, help="held-out prompts (eval_prompts(n)), seeds 0…n−1")
     p.add_argument("--parallel", type=int, default=1, help="runs at a time")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--processes", type=int, default=1, help="data-parallel processes per run (accelerate launch)")
     p.add_argument("--preset", default="shapes-full", help="SDPOConfig preset, for both methods")
     p.add_argument("--set", default="{}", help="JSON overrides of the preset, for both methods")
     p.add_argument("--rlr", default="{}", help="JSON RLR / DRaFT-K settings for rlr, draft, bptt (rlr.RLRConfig)")
@@ -162,7 +201,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="sdpo-vs-ddpo-") as root:
         jobs = [{"method": m, "seed": s, "overrides": overrides, "eval_prompts": args.eval_prompts, "root": root,
                  "preset": args.preset, "seconds": 60 * args.minutes, "queries": args.queries, "threads": args.threads,
-                 "rlr": rlr}
+                 "processes": args.processes, "rlr": rlr}
                 for s in args.seeds for m in args.methods]  # fmt: skip
         before = evaluate(config, None, args.threads)  # the start model, before any run competes for the CPU
         with mp.get_context("spawn").Pool(args.parallel) as pool:  # (sdpo, ddpo) of one seed run side by side

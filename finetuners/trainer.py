@@ -199,7 +199,7 @@ class Trainer:
         self.ts = train_timesteps(pipe, self.cfg.num_steps, self.cfg.timestep_spacing)
         self.epoch = 0  # epochs completed
         self.global_step = 0  # optimiser steps taken
-        self.reward_queries = 0
+        self.reward_queries = 0  # over all processes (each makes the same number per epoch)
         self.zo_baseline: float | None = None  # running mean reward: the ZO baseline when one perturbation is shared
         self.in_epoch = False
         nan_after = os.environ.get(INJECT_NAN_ENV, "").strip()
@@ -278,6 +278,10 @@ class Trainer:
         offset = self.dist.rank * 1_000_000_007  # each process its own noise (0 in a single process)
         return [(base + i + offset) % (2**40) for i in range(n)]
 
+    def _queried(self, n: int) -> None:
+        """Count ``n`` reward queries of this process, and as many of each other one (same batch sizes)."""
+        self.reward_queries += n * self.dist.world
+
     def _sdpo_epoch(self, stop) -> dict:
         cfg = self.cfg
         self.pipe.unet.eval()
@@ -291,7 +295,7 @@ class Trainer:
                                 final_alpha_cumprod=self.final_alpha, reduction=cfg.log_prob_reduction)  # fmt: skip
             fn = latent_reward(self.pipe, self.train_reward_fn, prompts + prompts)
             dense = dense_rewards(pair.joint.pred_x0, fn, cosine_clamp=cfg.cosine_clamp)
-            self.reward_queries += dense.queries_per_trajectory * 2 * len(prompts)
+            self._queried(dense.queries_per_trajectory * 2 * len(prompts))
             pairs.append(pair)
             conds.append(cond)
             prompts_all.append(prompts)
@@ -358,7 +362,7 @@ class Trainer:
                                           final_alpha_cumprod=self.final_alpha, generator=g_a, record=True,
                                           record_pred_x0=False, reduction=cfg.log_prob_reduction)  # fmt: skip
                 rewards, _ = self.train_reward_fn(decode(self.pipe, final), prompts, [{} for _ in prompts])
-            self.reward_queries += len(prompts)
+            self._queried(len(prompts))
             batches.append((prompts, cond, traj, torch.as_tensor(rewards, dtype=torch.float32)))
             if stop():
                 raise _Stopped
@@ -440,15 +444,15 @@ class Trainer:
                 info = rlr_backward(chain, x_T, reward, rc, generator=block_gen, zo_seed=seeds[0] ^ 0x2E0,
                                     noise_generator=g_noise, scale=scale, zo_baseline=self.zo_baseline,
                                     dist=self.dist)  # fmt: skip
-                self.reward_queries += len(prompts) * (3 if rc.zo_mode == "spsa" and info["zo_steps"] else 1)
+                self._queried(len(prompts) * (3 if rc.zo_mode == "spsa" and info["zo_steps"] else 1))
             elif method == "reinforce":
                 info = reinforce_backward(chain, x_T, reward, noise_generator=g_noise, scale=scale, dist=self.dist)
-                self.reward_queries += len(prompts)
+                self._queried(len(prompts))
             else:
                 keep = chain.num_steps if method == "bptt" else rc.truncation
                 info = truncated_backward(chain, x_T, reward, keep, noise_generator=g_noise, scale=scale,
                                           checkpointing=rc.checkpointing)  # fmt: skip
-                self.reward_queries += len(prompts)
+                self._queried(len(prompts))
             r = info["reward_mean"]
             self._check_finite(torch.tensor(r))
             self.zo_baseline = r if self.zo_baseline is None else 0.9 * self.zo_baseline + 0.1 * r

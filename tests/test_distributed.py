@@ -54,8 +54,12 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method, reward, updates", [("sdpo", "jpeg-compressibility", 2), ("rlr", "shapes-probe", 1)])
-def test_accelerate_two_processes_keep_lora_weights_identical(tiny_pipeline_dir, tmp_path, method, reward, updates):
+# queries: reward queries of epoch 1 over both processes. SDPO: 2 prompts · 2 trajectories · 2 queries (K = 2: first,
+# last) = 8 per process; RLR: one per sample, 2 per process.
+@pytest.mark.parametrize("method, reward, updates, queries",
+                         [("sdpo", "jpeg-compressibility", 2, 16), ("rlr", "shapes-probe", 1, 4)])  # fmt: skip
+def test_accelerate_two_processes_keep_lora_weights_identical(tiny_pipeline_dir, tmp_path, method, reward, updates,
+                                                              queries):  # fmt: skip
     accelerate = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
     if not Path(accelerate).exists():
         pytest.skip("accelerate is not installed")
@@ -95,4 +99,4 @@ def test_accelerate_two_processes_keep_lora_weights_identical(tiny_pipeline_dir,
     assert [r["epoch"] for r in lines if r["event"] == "epoch"] == [1, 2]
     assert [r["epoch"] for r in lines if r["event"] == "eval"] == [0, 2]  # eval_every = 5: before and at the end
     epoch = next(r for r in lines if r["event"] == "epoch")
-    assert epoch["reward_queries"] > 0 and epoch["updates"] == updates
+    assert epoch["reward_queries"] == queries and epoch["updates"] == updates  # queries counted on every process
