@@ -123,13 +123,13 @@ def train_launched(run_dir: Path, config, job: dict, on_metrics, stop: threading
     STOP file ends the run (all processes stop together at the next minibatch)."""
     import subprocess
 
+    from finetuners import runs
+    from finetuners.distributed import launch_command
+
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     launch = run_dir.parent / f"{run_dir.name}.json"
     launch.write_text(json.dumps({"config": config.to_dict()}))
-    accelerate = str(Path(sys.executable).parent / "accelerate")
-    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", str(job["processes"]), "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(29500 + job["seed"] % 1000),
-           "-m", "finetuners", "train", "--run", str(run_dir), "--config", str(launch)]  # fmt: skip
+    cmd = launch_command(job["processes"], "-m", "finetuners", "train", "--run", str(run_dir), "--config", str(launch))
     env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"]), "PYTHONPATH": str(REPO)}
     log = run_dir.parent / f"{run_dir.name}.log"
     with open(log, "w") as out:
@@ -137,17 +137,15 @@ def train_launched(run_dir: Path, config, job: dict, on_metrics, stop: threading
         seen = 0
         while proc.poll() is None:
             time.sleep(1.0)
-            metrics = run_dir / "metrics.jsonl"
-            lines = metrics.read_text().splitlines() if metrics.exists() else []
-            for line in lines[seen:]:
-                if line.strip():
-                    on_metrics(json.loads(line))
-            seen = len(lines)
+            records = runs.read_metrics(run_dir)  # complete lines only: a line being written is read next time
+            for record in records[seen:]:
+                on_metrics(record)
+            seen = len(records)
             if stop.is_set() and run_dir.exists() and not (run_dir / "STOP").exists():
                 (run_dir / "STOP").touch()
     if proc.returncode != 0:
         raise RuntimeError(f"accelerate launch exited with {proc.returncode}: see {log}\n{log.read_text()[-2000:]}")
-    return json.loads((run_dir / "status.json").read_text())
+    return runs.read_status(run_dir)
 
 
 def table(before: dict, results: list[dict], steps: tuple[int, ...], methods=METHODS) -> str:

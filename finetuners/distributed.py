@@ -4,6 +4,7 @@
     dist.all_reduce_grads(params)          # before every optimiser step: the mean gradient of all processes
     dist.gather(tensor), dist.gather_objects(list)   # rows of every process, in rank order
     dist.any(flag)                         # one decision for all (stop requested? a NaN anywhere?)
+    launch_command(2, "-m", "finetuners", "train", …)   # the argv that starts N such processes on this machine
 
 Each process samples its own prompts and noise (``rank`` is folded into the seeds), computes its gradients,
 and the trainable parameters' gradients are averaged before each optimiser step, so the weights stay identical
@@ -16,6 +17,10 @@ files. A single process (``python -m finetuners train``) takes none of these pat
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import sys
+from pathlib import Path
 
 import torch
 
@@ -79,3 +84,28 @@ class Dist:
     def barrier(self) -> None:
         if self.distributed:
             self.accelerator.wait_for_everyone()
+
+
+def accelerate_executable() -> str | None:
+    """The ``accelerate`` launcher on PATH or beside this interpreter; None when it is not installed."""
+    found = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
+    return found if Path(found).exists() else None
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for the process group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_command(num_processes: int, *target: str, port: int | None = None) -> list[str]:
+    """``accelerate launch`` of ``target`` (a script and its arguments, or ``-m module …``) on ``num_processes``
+    processes of this machine, in fp32 without dynamo. ``--multi_gpu`` is accelerate's "start N processes with
+    torch.distributed" (its ``--cpu`` starts only one); with no GPU each process runs on the CPU over gloo."""
+    accelerate = accelerate_executable()
+    if accelerate is None:
+        raise RuntimeError("accelerate is not installed")
+    return [accelerate, "launch", "--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port or free_port()),
+            *target]  # fmt: skip

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from finetuners.distributed import accelerate_executable, launch_command
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -47,12 +46,6 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 # queries: reward queries of epoch 1 over both processes. SDPO: 2 prompts · 2 trajectories · 2 queries (K = 2: first,
 # last) = 8 per process; RLR: one per sample, 2 per process.
@@ -60,8 +53,7 @@ def _free_port() -> int:
                          [("sdpo", "jpeg-compressibility", 2, 16), ("rlr", "shapes-probe", 1, 4)])  # fmt: skip
 def test_accelerate_two_processes_keep_lora_weights_identical(tiny_pipeline_dir, tmp_path, method, reward, updates,
                                                               queries):  # fmt: skip
-    accelerate = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
-    if not Path(accelerate).exists():
+    if accelerate_executable() is None:
         pytest.skip("accelerate is not installed")
     script, out, run = tmp_path / "spy.py", tmp_path / "steps", tmp_path / "runs" / "two"
     script.write_text(SPY)
@@ -69,11 +61,7 @@ def test_accelerate_two_processes_keep_lora_weights_identical(tiny_pipeline_dir,
     train = ["train", "--run", str(run), "--model", str(tiny_pipeline_dir), "--reward", reward, "--method", method,
              "--epochs", "2", "--batch", "2", "--batches", "1", "--train-batch", "1", "--grad-accum", "2",
              "--train-steps", "2", "--eval-steps", "1", "--eval-prompts", "2", "--lora-rank", "2"]  # fmt: skip
-    # --multi_gpu is accelerate's "start N processes with torch.distributed" (its --cpu starts only one); with no
-    # GPU each process trains on the CPU and the process group uses gloo.
-    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-           "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), str(script), str(out),
-           *train]  # fmt: skip
+    cmd = launch_command(2, str(script), str(out), *train)  # gloo: each process trains on the CPU
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
