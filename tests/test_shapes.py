@@ -20,6 +20,7 @@ from finetuners.shapes.world import (
     cell_targets,
     make_dataset,
     parse_prompt,
+    partial_captions,
     valid_placements,
 )
 
@@ -52,6 +53,13 @@ def test_prompts_are_compositional():
     assert parse_prompt("a zebra") is None and parse_prompt("a red circle near a cat") is None
     assert valid_placements(parse_prompt("a red circle in the center")) == [(4,)]
     assert len(valid_placements(parse_prompt("a red circle above a blue square"))) == 3 * 3 * 3  # rows 0<1<2 pairs
+
+
+def test_partial_captions_name_one_object_each():
+    two = parse_prompt("a red circle to the left of a blue square")
+    assert partial_captions(two) == ("a red circle", "a blue square")
+    assert [parse_prompt(c) for c in partial_captions(two)] == [PromptSpec((o,)) for o in two.objects]
+    assert partial_captions(parse_prompt("a green triangle at the top")) == ("a green triangle",)
 
 
 def test_cell_targets():
@@ -151,17 +159,34 @@ def test_training_loss_weight_closed_form():
 
 def test_training_script_smoke_with_relation_share_and_high_noise_weight(tmp_path):
     """The whole training script on its smoke preset: a loadable pipeline, the probe, and a report that
-    records the relation share and high-noise weight it ran with."""
+    records the relation share, high-noise weight and partial-caption share it ran with."""
     import json
 
     from diffusers import StableDiffusionPipeline
 
     from finetuners.shapes.train import main
 
-    main(["--preset", "smoke", "--out", str(tmp_path), "--relation-share", "0.5", "--high-noise-weight", "200"])
+    main(["--preset", "smoke", "--out", str(tmp_path), "--relation-share", "0.5", "--high-noise-weight", "200",
+          "--partial-caption-share", "0.5"])  # fmt: skip
     report = json.loads((tmp_path / "training.json").read_text())
     assert report["config"]["relation_share"] == 0.5 and report["config"]["high_noise_weight"] == 200
+    assert report["config"]["partial_caption_share"] == 0.5
     assert report["unet_steps_done"] == 20 and 0 <= report["accuracy_4steps_cfg3"] <= 1
     pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "shapes-sd"), use_safetensors=True)
     assert pipe.unet.config.sample_size == 8
     assert (tmp_path / "shapes-probe").is_dir()
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [("--relation-share", "1.5", "--relation-share must be between 0 and 1"),
+     ("--partial-caption-share", "-0.1", "--partial-caption-share must be between 0 and 1"),
+     ("--high-noise-weight", "0.5", "--high-noise-weight must be at least 1")],
+)  # fmt: skip
+def test_training_script_rejects_out_of_range_shares(tmp_path, capsys, flag, value, message):
+    from finetuners.shapes.train import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--preset", "smoke", "--out", str(tmp_path / "out"), flag, value])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing was written

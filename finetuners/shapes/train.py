@@ -32,7 +32,7 @@ from diffusers.training_utils import EMAModel
 from ..models import DEFAULTS_FILE, ModelDefaults
 from . import architecture as arch
 from .probe import ShapesProbe, probe_loss, prompt_accuracy
-from .world import cell_targets, eval_prompts, make_dataset, parse_prompt
+from .world import cell_targets, eval_prompts, make_dataset, parse_prompt, partial_captions
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,10 @@ class TrainConfig:
     # plain loss for 22 000 steps (docs/SHAPES.md).
     high_noise_weight: float = 1.0
     relation_share: float = 0.0  # >0: this fraction of each UNet batch is drawn from relation captions only
+    # >0: a two-object image in a UNet batch is captioned with one of its objects only ("a red circle") with this
+    # probability, as real captions leave things out. Then a one-object caption has density on two-object images,
+    # which SuperDiff's AND needs to compose two prompts (docs/BENCHMARKS.md, "Superpose").
+    partial_caption_share: float = 0.0
 
 
 SHAPES_DEFAULTS = ModelDefaults(sampler="ddim", steps=20, guidance=3.0)
@@ -239,6 +243,14 @@ def train(config: TrainConfig, out: Path, device: str = "cpu", resume: Path | No
     mean_d, std_d, ids_d, empty_d = mean.to(device), std.to(device), ids_all.to(device), empty_ids.to(device)
     dgen = torch.Generator(device).manual_seed(config.seed + 1)
     rel_idx = torch.tensor([i for i, s in enumerate(data) if s.spec.relation], device=device)
+    if config.partial_caption_share:
+        # token ids of each image's two partial captions (object 1 alone, object 2 alone; one-object images: own)
+        partial = [(partial_captions(s.spec) * 2)[:2] for s in data]
+        unique = sorted({c for pair in partial for c in pair})
+        unique_ids = tokenizer(unique, padding="max_length", max_length=arch.MAX_TOKENS, return_tensors="pt").input_ids
+        row = {c: i for i, c in enumerate(unique)}
+        partial_d = unique_ids[torch.tensor([[row[c] for c in pair] for pair in partial])].to(device)  # [N, 2, L]
+        is_pair_d = torch.tensor([len(s.spec.objects) == 2 for s in data], device=device)
     n_rel = round(config.relation_share * config.unet_batch)
     t_unet = time.time()
     # With a wall-clock budget, the cosine schedule follows whichever runs out first: steps or time.
@@ -260,6 +272,10 @@ def train(config: TrainConfig, out: Path, device: str = "cpu", resume: Path | No
         zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
         drop = torch.rand(len(idx), generator=dgen, device=device) < config.caption_dropout
         ids = torch.where(drop[:, None], empty_d, ids_d[idx])
+        if config.partial_caption_share:
+            part = is_pair_d[idx] & (torch.rand(len(idx), generator=dgen, device=device) < config.partial_caption_share)
+            which = torch.randint(0, 2, (len(idx),), generator=dgen, device=device)
+            ids = torch.where((part & ~drop)[:, None], partial_d[idx, which], ids)
         hidden = text_encoder(ids).last_hidden_state
         weight = loss_weight(a.flatten() / (1 - a.flatten()), config.min_snr_gamma, config.high_noise_weight)
         loss = (weight * (unet(zt, t, hidden).sample - eps).pow(2).mean(dim=(1, 2, 3))).mean()
@@ -336,10 +352,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--unet-lr", type=float, help="override the preset's UNet learning rate")
     p.add_argument("--high-noise-weight", type=float, help="cap of the x0-error weighting at SNR < 1 (1 = off)")
     p.add_argument("--relation-share", type=float, help="fraction of each UNet batch drawn from relation captions")
+    p.add_argument("--partial-caption-share", type=float, help="P(a two-object image gets a one-object caption)")
     p.add_argument("--resume", type=Path, help="continue the UNet of an earlier --out (keeps its VAE and probe)")
     args = p.parse_args(argv)
     if args.relation_share is not None and not 0 <= args.relation_share <= 1:
         p.error(f"--relation-share must be between 0 and 1, got {args.relation_share}")
+    if args.partial_caption_share is not None and not 0 <= args.partial_caption_share <= 1:
+        p.error(f"--partial-caption-share must be between 0 and 1, got {args.partial_caption_share}")
     if args.high_noise_weight is not None and args.high_noise_weight < 1:
         p.error(f"--high-noise-weight must be at least 1 (1 = plain ε loss), got {args.high_noise_weight}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -352,6 +371,8 @@ def main(argv: list[str] | None = None) -> None:
         config = replace(config, high_noise_weight=args.high_noise_weight)
     if args.relation_share is not None:
         config = replace(config, relation_share=args.relation_share)
+    if args.partial_caption_share is not None:
+        config = replace(config, partial_caption_share=args.partial_caption_share)
     report = train(config, args.out, args.device, resume=args.resume)
     print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))
 

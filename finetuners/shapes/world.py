@@ -121,6 +121,11 @@ def caption(spec: PromptSpec) -> str:
     return words[0]
 
 
+def partial_captions(spec: PromptSpec) -> tuple[str, ...]:
+    """One-object captions of each of ``spec``'s objects, in order: what a caption that leaves things out says."""
+    return tuple(caption(PromptSpec((obj,))) for obj in spec.objects)
+
+
 _OBJ = r"an? (\w+) (\w+)"
 _RE_TWO = re.compile(rf"^{_OBJ} ({'|'.join(RELATIONS)}) {_OBJ}$")
 _RE_POS = re.compile(rf"^{_OBJ} ({'|'.join(POSITIONS)})$")
