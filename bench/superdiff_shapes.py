@@ -7,10 +7,11 @@ Shapes probe (``read_scene``) reads each image; an image "contains" an object wh
 (shape, colour) in any cell.
 
 1. Two objects, A = "a red circle", B = "a blue square": the fraction of images containing both, only A, only
-   B, or neither, under AND, averaged predictions (κ = ½), OR (T = 1) and the joint prompt. The Shapes grammar has
-   no "A and B"; the nearest in-grammar joint prompts are the relation captions "a red circle <relation> a blue
-   square", each relation on a quarter of the seeds. The joint prompt runs the ordinary sampler (DDIM, η = 1,
-   as the app's baseline). OR's balance is only-A / (only-A + only-B): 0.5 is even.
+   B, or neither, under AND, averaged predictions (κ = ½), OR (T = 1) and two joint prompts: "A and B", the
+   joint prompt of ALGORITHMS.md §4.4 (outside the Shapes grammar, whose captions have no "and"), and the nearest
+   in-grammar joint prompts, the relation captions "a red circle <relation> a blue square", each relation on a
+   quarter of the seeds. Joint prompts run the ordinary sampler (DDIM, η = 1, as the app's baseline). OR's
+   balance is only-A / (only-A + only-B): 0.5 is even.
 2. Two positions, A = "a red circle on the left", B = "a red circle at the top": the fraction whose red circle
    sits in both regions at once (the top-left cell). The joint prompt "a red circle at the top on the left" is
    outside the grammar (no caption has two position phrases): it is what a user would type.
@@ -41,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from finetuners import superdiff  # noqa: E402
-from finetuners.generate import SampleRequest, generate  # noqa: E402
+from finetuners.generate import LIMITS, SampleRequest, generate  # noqa: E402
 from finetuners.models import PROBE_PATH, load_model  # noqa: E402
 from finetuners.shapes.probe import ShapesProbe, read_scene  # noqa: E402
 from finetuners.shapes.world import RELATIONS, parse_prompt  # noqa: E402
@@ -131,12 +132,13 @@ class Bench:
         return self.read(res.images)
 
     def ordinary(self, prompts_by_seed: list[str], name: str):
-        """The ordinary sampler, seed i for image i; seeds sharing a prompt run as one batch (contiguous blocks)."""
+        """The ordinary sampler, seed i for image i; seeds sharing a prompt run in batches (contiguous blocks of at
+        most the sampler's largest batch)."""
         images, seconds, i = [], 0.0, 0
         with self.timer.measure():
             while i < self.n:
                 j = i
-                while j < self.n and prompts_by_seed[j] == prompts_by_seed[i]:
+                while j < self.n and j - i < LIMITS["batch"][1] and prompts_by_seed[j] == prompts_by_seed[i]:
                     j += 1
                 request = SampleRequest(prompts_by_seed[i], steps=min(self.steps, 200), sampler="ddim", eta=JOINT_ETA,
                                         guidance=self.guidance, seed=i, batch=j - i, record_pred_x0=False)  # fmt: skip
@@ -159,13 +161,14 @@ def objects_table(bench: Bench) -> tuple[list[str], dict]:
     runs = {
         "AND": bench.superpose(OBJ_A, OBJ_B, "and", "AND"),
         "averaged κ = ½": bench.superpose(OBJ_A, OBJ_B, "avg", "averaged κ = ½"),
-        "joint prompt": bench.ordinary(joint, "joint prompt"),
+        "joint prompt “A and B”": bench.ordinary([f"{OBJ_A} and {OBJ_B}"] * bench.n, "joint prompt and"),
+        "joint prompt with a relation": bench.ordinary(joint, "joint prompt"),
         "OR (T = 1)": bench.superpose(OBJ_A, OBJ_B, "or", "OR (T = 1)"),
     }
     lines = [
         f'### 1. Two objects: A = "{OBJ_A}", B = "{OBJ_B}"',
-        f'joint prompt: "{OBJ_A} <relation> {OBJ_B}", relation = {", ".join(RELATIONS)} on a quarter of the seeds '
-        "each (the grammar has no “and”)",
+        f'joint prompts: "{OBJ_A} and {OBJ_B}" (outside the grammar, which has no “and”) and "{OBJ_A} <relation> '
+        f'{OBJ_B}", relation = {", ".join(RELATIONS)} on a quarter of the seeds each',
         "",
         "| sampler | contains both | only A | only B | neither | most common reading |",
         "|---|---|---|---|---|---|",
