@@ -62,6 +62,20 @@ def test_partial_captions_name_one_object_each():
     assert partial_captions(parse_prompt("a green triangle at the top")) == ("a green triangle",)
 
 
+def test_partial_caption_ids_decode_to_each_object_alone():
+    from transformers import CLIPTokenizer
+
+    from finetuners.models import ALIASES
+    from finetuners.shapes.train import partial_caption_ids
+
+    tokenizer = CLIPTokenizer.from_pretrained(ALIASES["shapes"] / "tokenizer")
+    specs = [parse_prompt("a red circle above a blue square"), parse_prompt("a white triangle on the left")]
+    ids = partial_caption_ids(specs, tokenizer)
+    assert ids.shape == (2, 2, arch.MAX_TOKENS)
+    decoded = [[tokenizer.decode(row, skip_special_tokens=True).strip() for row in pair] for pair in ids]
+    assert decoded == [["a red circle", "a blue square"], ["a white triangle", "a white triangle"]]
+
+
 def test_cell_targets():
     shape, color = cell_targets([Obj("triangle", "white", 8)])
     assert shape[8] == 1 + SHAPES.index("triangle") and color[8] == COLOR_NAMES.index("white")

@@ -114,6 +114,16 @@ def _template(prompt: str) -> str:
     return "relation" if spec.relation else "position" if spec.position else "object"
 
 
+def partial_caption_ids(specs: list, tokenizer) -> torch.Tensor:
+    """Token ids [N, 2, MAX_TOKENS] of each caption's partial captions (``world.partial_captions``): object 1
+    alone and object 2 alone; a one-object caption's own words twice. Each distinct caption is tokenised once."""
+    partial = [(partial_captions(spec) * 2)[:2] for spec in specs]
+    unique = sorted({c for pair in partial for c in pair})
+    ids = tokenizer(unique, padding="max_length", max_length=arch.MAX_TOKENS, return_tensors="pt").input_ids
+    row = {c: i for i, c in enumerate(unique)}
+    return ids[torch.tensor([[row[c] for c in pair] for pair in partial])]
+
+
 def _batches(n: int, batch: int, gen: torch.Generator):
     while True:
         yield torch.randint(0, n, (batch,), generator=gen)
@@ -244,12 +254,7 @@ def train(config: TrainConfig, out: Path, device: str = "cpu", resume: Path | No
     dgen = torch.Generator(device).manual_seed(config.seed + 1)
     rel_idx = torch.tensor([i for i, s in enumerate(data) if s.spec.relation], device=device)
     if config.partial_caption_share:
-        # token ids of each image's two partial captions (object 1 alone, object 2 alone; one-object images: own)
-        partial = [(partial_captions(s.spec) * 2)[:2] for s in data]
-        unique = sorted({c for pair in partial for c in pair})
-        unique_ids = tokenizer(unique, padding="max_length", max_length=arch.MAX_TOKENS, return_tensors="pt").input_ids
-        row = {c: i for i, c in enumerate(unique)}
-        partial_d = unique_ids[torch.tensor([[row[c] for c in pair] for pair in partial])].to(device)  # [N, 2, L]
+        partial_d = partial_caption_ids([s.spec for s in data], tokenizer).to(device)
         is_pair_d = torch.tensor([len(s.spec.objects) == 2 for s in data], device=device)
     n_rel = round(config.relation_share * config.unet_batch)
     t_unet = time.time()
