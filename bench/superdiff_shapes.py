@@ -119,6 +119,7 @@ class Bench:
         self.pipe, self.probe, self.n, self.steps, self.guidance = pipe, probe, n, steps, guidance
         self.timer = Timer(pipe)
         self.cost: dict[str, dict] = {}
+        self.kappa: dict[str, dict] = {}  # per superposed sampler: κ of A over every step and image
 
     def _record(self, name: str, seconds: float, rows: float | None) -> None:
         self.cost[name] = {"s_per_image": seconds / self.n, "unet_s_per_image": self.timer.unet / self.n,
@@ -129,9 +130,9 @@ class Bench:
         with self.timer.measure():
             res = superpose_prompts(self.pipe, a, b, config, seed=0, batch=self.n)
         self._record(name, res.seconds, res.info["unet_rows"] / (self.steps * self.n))
-        kappa = res.kappa[..., 0].double()  # κ of A at every step of every image
-        self.cost[name]["kappa"] = {"mean": kappa.mean().item(), "max_abs": kappa.abs().max().item(),
-                                    "outside_0_1": ((kappa < 0) | (kappa > 1)).double().mean().item()}  # fmt: skip
+        kappa = res.kappa[..., 0].double()
+        self.kappa[name] = {"mean": kappa.mean().item(), "max_abs": kappa.abs().max().item(),
+                            "outside_0_1": ((kappa < 0) | (kappa > 1)).double().mean().item()}  # fmt: skip
         return self.read(res.images)
 
     def ordinary(self, prompts_by_seed: list[str], name: str):
@@ -176,7 +177,7 @@ def objects_table(bench: Bench) -> tuple[list[str], dict]:
         "| sampler | contains both | only A | only B | neither | most common reading |",
         "|---|---|---|---|---|---|",
     ]
-    numbers, notes = {}, []
+    numbers = {}
     for name, scenes in runs.items():
         has_a, has_b = contains(scenes, a), contains(scenes, b)
         both = [x and y for x, y in zip(has_a, has_b)]
@@ -188,10 +189,6 @@ def objects_table(bench: Bench) -> tuple[list[str], dict]:
                      f"{common} ({count}/{bench.n}) |")  # fmt: skip
         numbers[name] = {k: fraction(v)[0] for k, v in
                          {"both": both, "only_a": only_a, "only_b": only_b, "neither": neither}.items()}  # fmt: skip
-        if name == "AND":
-            k = bench.cost["AND"]["kappa"]
-            notes = [f"AND's κ of A over every step and image: mean {k['mean']:.3f}, outside [0, 1] on "
-                     f"{100 * k['outside_0_1']:.1f} % of steps, |κ| up to {k['max_abs']:.2f}"]  # fmt: skip
         if name.startswith("OR"):
             k_a, k_b = sum(only_a), sum(only_b)
             if k_a + k_b:
@@ -200,7 +197,10 @@ def objects_table(bench: Bench) -> tuple[list[str], dict]:
                 numbers[name]["balance"] = p
                 lines += ["", f"OR balance, only A / (only A + only B): {p:.2f} ± {se:.2f} over {k_a + k_b} images "
                           "(0.5 = even)"]  # fmt: skip
-    return lines + [""] + notes, numbers
+    k = bench.kappa["AND"]
+    lines += ["", f"AND's κ of A over every step and image: mean {k['mean']:.3f}, outside [0, 1] on "
+              f"{100 * k['outside_0_1']:.1f} % of steps, |κ| up to {k['max_abs']:.2f}"]  # fmt: skip
+    return lines, numbers
 
 
 def positions_table(bench: Bench) -> tuple[list[str], dict]:
@@ -289,7 +289,8 @@ def main() -> None:
     print(f"total {time.perf_counter() - start:.0f} s")
     if args.json:
         args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "objects": obj_numbers,
-                                         "positions": pos_numbers, "cost": bench.cost}, indent=2))  # fmt: skip
+                                         "positions": pos_numbers, "cost": bench.cost,
+                                         "kappa": bench.kappa}, indent=2))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -116,7 +116,8 @@ def _template(prompt: str) -> str:
 
 def partial_caption_ids(specs: list, tokenizer) -> torch.Tensor:
     """Token ids [N, 2, MAX_TOKENS] of each caption's partial captions (``world.partial_captions``): object 1
-    alone and object 2 alone; a one-object caption's own words twice. Each distinct caption is tokenised once."""
+    alone and object 2 alone; for a one-object caption, its object alone (no position) twice. Each distinct
+    caption is tokenised once."""
     partial = [(partial_captions(spec) * 2)[:2] for spec in specs]
     unique = sorted({c for pair in partial for c in pair})
     ids = tokenizer(unique, padding="max_length", max_length=arch.MAX_TOKENS, return_tensors="pt").input_ids
