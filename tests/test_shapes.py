@@ -195,9 +195,11 @@ def test_training_script_smoke_with_relation_share_and_high_noise_weight(tmp_pat
     ("flag", "value", "message"),
     [("--relation-share", "1.5", "--relation-share must be between 0 and 1"),
      ("--partial-caption-share", "-0.1", "--partial-caption-share must be between 0 and 1"),
-     ("--high-noise-weight", "0.5", "--high-noise-weight must be at least 1")],
+     ("--high-noise-weight", "0.5", "--high-noise-weight must be at least 1"),
+     ("--unet-steps", "0", "--unet-steps must be at least 1"),
+     ("--unet-lr", "0", "--unet-lr must be positive")],
 )  # fmt: skip
-def test_training_script_rejects_out_of_range_shares(tmp_path, capsys, flag, value, message):
+def test_training_script_rejects_out_of_range_overrides(tmp_path, capsys, flag, value, message):
     from finetuners.shapes.train import main
 
     with pytest.raises(SystemExit) as exc:

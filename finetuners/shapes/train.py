@@ -347,6 +347,16 @@ def _save_pipeline(out, vae, text_encoder, tokenizer, unet, ema_unet=None, ema_t
     return pipe
 
 
+# The preset fields the CLI can override, each with the range it accepts (and the words saying so).
+OVERRIDE_RANGES = {
+    "unet_steps": (lambda v: v >= 1, "at least 1"),
+    "unet_lr": (lambda v: v > 0, "positive"),
+    "high_noise_weight": (lambda v: v >= 1, "at least 1 (1 = plain ε loss)"),
+    "relation_share": (lambda v: 0 <= v <= 1, "between 0 and 1"),
+    "partial_caption_share": (lambda v: 0 <= v <= 1, "between 0 and 1"),
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
@@ -361,24 +371,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--partial-caption-share", type=float, help="P(a two-object image gets a one-object caption)")
     p.add_argument("--resume", type=Path, help="continue the UNet of an earlier --out (keeps its VAE and probe)")
     args = p.parse_args(argv)
-    if args.relation_share is not None and not 0 <= args.relation_share <= 1:
-        p.error(f"--relation-share must be between 0 and 1, got {args.relation_share}")
-    if args.partial_caption_share is not None and not 0 <= args.partial_caption_share <= 1:
-        p.error(f"--partial-caption-share must be between 0 and 1, got {args.partial_caption_share}")
-    if args.high_noise_weight is not None and args.high_noise_weight < 1:
-        p.error(f"--high-noise-weight must be at least 1 (1 = plain ε loss), got {args.high_noise_weight}")
+    overrides = {field: getattr(args, field) for field in OVERRIDE_RANGES if getattr(args, field) is not None}
+    for field, value in overrides.items():
+        ok, required = OVERRIDE_RANGES[field]
+        if not ok(value):
+            p.error(f"--{field.replace('_', '-')} must be {required}, got {value}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    config = replace(PRESETS[args.preset], seed=args.seed, max_minutes=args.max_minutes)
-    if args.unet_steps:
-        config = replace(config, unet_steps=args.unet_steps)
-    if args.unet_lr:
-        config = replace(config, unet_lr=args.unet_lr)
-    if args.high_noise_weight is not None:
-        config = replace(config, high_noise_weight=args.high_noise_weight)
-    if args.relation_share is not None:
-        config = replace(config, relation_share=args.relation_share)
-    if args.partial_caption_share is not None:
-        config = replace(config, partial_caption_share=args.partial_caption_share)
+    config = replace(PRESETS[args.preset], seed=args.seed, max_minutes=args.max_minutes, **overrides)
     report = train(config, args.out, args.device, resume=args.resume)
     print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))
 
