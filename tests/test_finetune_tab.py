@@ -119,6 +119,20 @@ def test_trajectory_length_picks_the_step_weighting(backend):
     assert (short.num_steps, short.lam) == (2, 0.1) and (long.num_steps, long.lam) == (8, 0.99)
 
 
+def test_a_small_unet_trains_each_update_as_one_minibatch(backend, monkeypatch):
+    """Same pairs per optimiser step either way; a small UNet (the Shapes one) takes them in one minibatch (its
+    per-call overhead, not memory, bounds the time), a large one two pairs at a time, accumulated."""
+    import ui.finetune_tab as tab
+
+    for b in (16, 6, 3):
+        tiny = make_config(backend, **{**TINY, "batch": b}).algo
+        with monkeypatch.context() as m:
+            m.setattr(tab, "SMALL_UNET_PARAMS", 0)  # as if the UNet were large
+            other = make_config(backend, **{**TINY, "batch": b}).algo
+        assert tiny.grad_accum == 1 and tiny.train_batch_size == other.train_batch_size * other.grad_accum
+        assert other.train_batch_size <= 2 and tiny.updates_per_epoch == other.updates_per_epoch
+
+
 @pytest.mark.parametrize("name", ["../escape", "a/b", "..", ".hidden", "x" * 101, "with space"])
 def test_bad_run_names_are_refused(backend, name, tmp_path):
     root = backend.runs_root

@@ -272,7 +272,7 @@ def _config(model, method="rlr", **rlr):
     from finetuners.trainer import TrainConfig
 
     algo = SDPOConfig.preset("shapes", model=str(model), reward="shapes-probe", num_steps=3, sample_batch_size=2,
-                             num_batches_per_epoch=2, grad_accum=1, num_epochs=2, eval_steps=(1,),
+                             num_batches_per_epoch=2, train_batch_size=2, grad_accum=1, num_epochs=2, eval_steps=(1,),
                              learning_rate=1e-3)  # fmt: skip
     return TrainConfig(method=method, algo=algo, num_eval_prompts=2, eval_every=1, rlr=RLRConfig(**rlr))
 

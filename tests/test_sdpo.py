@@ -431,7 +431,7 @@ def test_one_epoch_end_to_end_on_the_tiny_pipeline(sampled):
 def test_pairs_per_prompt_repeat_prompts_and_normalise_by_their_own_statistics():
     from finetuners.trainer import training_prompts
 
-    cfg = SDPOConfig.preset("shapes", pairs_per_prompt=4, sample_batch_size=10, grad_accum=5)
+    cfg = SDPOConfig.preset("shapes", pairs_per_prompt=4, sample_batch_size=10, train_batch_size=2, grad_accum=5)
     prompts = training_prompts(cfg, epoch=0, batch=0, n=10)
     assert len(prompts) == 10 and prompts[:4] == [prompts[0]] * 4 and prompts[4:8] == [prompts[4]] * 4
     assert prompts[8:] == [prompts[8]] * 2 and len({prompts[0], prompts[4], prompts[8]}) == 3
