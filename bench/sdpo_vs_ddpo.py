@@ -16,11 +16,14 @@ Runs go ``--parallel`` at a time, each on ``--processes`` data-parallel processe
 the bench's own worker) with ``--threads`` torch threads each; reward queries count every process's. ``--rlr``
 sets the RLR / DRaFT-K settings (``rlr.RLRConfig``) of the gradient methods; the "reward per minute" column is the
 gain of the mean probe reward at each step count over the start model, divided by the training minutes.
+``--keep DIR`` keeps the run folders (config, metrics, last checkpoint) in a new folder DIR, and ``--evaluate-kept
+DIR`` evaluates them again, without training, on ``--eval-prompts`` prompts (e.g. 1000, for a smaller error).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import multiprocessing as mp
@@ -148,7 +151,7 @@ def train_launched(run_dir: Path, config, job: dict, on_metrics, stop: threading
     return runs.read_status(run_dir)
 
 
-def table(before: dict, results: list[dict], steps: tuple[int, ...], methods=METHODS) -> str:
+def table(before: dict, results: list[dict], steps: tuple[int, ...], methods=METHODS, per_minute: bool = True) -> str:
     def cell(values, scale=1.0, digits=2):
         v = np.asarray(values, dtype=float) * scale
         return f"{v.mean():.{digits}f} ± {v.std():.{digits}f}"
@@ -166,7 +169,7 @@ def table(before: dict, results: list[dict], steps: tuple[int, ...], methods=MET
             if rows:
                 cells = [cell([r["eval"][f"{key}_k{k}"] for r in rows], scale, digits) for k in steps]
                 lines.append(f"| {method} | {metric} | " + " | ".join(cells) + " |")
-    for method in methods:
+    for method in methods if per_minute else ():
         rows = [r for r in results if r["method"] == method]
         if rows:
             gains = [cell([(r["eval"][f"eval_reward_k{k}"] - before[f"eval_reward_k{k}"]) / (r["train_seconds"] / 60)
@@ -189,14 +192,24 @@ def main() -> None:
     p.add_argument("--set", default="{}", help="JSON overrides of the preset, for both methods")
     p.add_argument("--rlr", default="{}", help="JSON RLR / DRaFT-K settings for rlr, draft, bptt (rlr.RLRConfig)")
     p.add_argument("--json", type=Path, help="write all results here")
+    p.add_argument("--keep", type=Path, help="keep the run folders in this new folder (default: a temporary one)")
+    p.add_argument("--evaluate-kept", type=Path, help="no training: evaluate the last checkpoints of the run "
+                   "folders an earlier --keep left in this folder, on --eval-prompts prompts")  # fmt: skip
     args = p.parse_args()
+    if args.evaluate_kept is not None:
+        return evaluate_kept(args.evaluate_kept, args.eval_prompts, args.threads)
+    if args.keep is not None:
+        if args.keep.exists():
+            p.error(f"--keep {args.keep}: the folder exists; name a new one")
+        args.keep.mkdir(parents=True)
     overrides = json.loads(args.set)
     command = "python bench/sdpo_vs_ddpo.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     rlr = json.loads(args.rlr)
     config = make_config("sdpo", args.seeds[0], overrides, args.eval_prompts, args.preset, rlr)
     steps = config.algo.eval_steps
     t0 = time.time()
-    with tempfile.TemporaryDirectory(prefix="sdpo-vs-ddpo-") as root:
+    kept = contextlib.nullcontext(str(args.keep)) if args.keep else None
+    with kept or tempfile.TemporaryDirectory(prefix="sdpo-vs-ddpo-") as root:
         jobs = [{"method": m, "seed": s, "overrides": overrides, "eval_prompts": args.eval_prompts, "root": root,
                  "preset": args.preset, "seconds": 60 * args.minutes, "queries": args.queries, "threads": args.threads,
                  "processes": args.processes, "rlr": rlr}
@@ -223,6 +236,34 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({"command": command, "config": dataclasses.asdict(config.algo),
                                          "before": before, "runs": results}, indent=1))  # fmt: skip
+
+
+def evaluate_kept(folder: Path, eval_prompts: int, threads: int) -> None:
+    """The start model and every kept run's last checkpoint, evaluated on ``eval_prompts`` held-out prompts."""
+    from finetuners import runs
+    from finetuners.trainer import TrainConfig
+
+    folders = sorted(d for d in folder.glob("*-seed*") if (d / "config.json").is_file())
+    if not folders:
+        sys.exit(f"error: no run folders (METHOD-seedN with a config.json) in {folder}")
+    results, config = [], None
+    for d in folders:
+        config = TrainConfig.from_dict(runs.read_json(d / "config.json")["config"])
+        config = dataclasses.replace(config, num_eval_prompts=eval_prompts)
+        method, seed = d.name.rsplit("-seed", 1)
+        result = evaluate(config, runs.list_checkpoints(d)[-1][1], threads)
+        results.append({"method": method, "seed": int(seed), "eval": result})
+        print(f"{d.name}: {json.dumps(result)}", file=sys.stderr)
+    before = evaluate(config, None, threads)
+    methods = sorted({r["method"] for r in results})
+    print(f"## Kept runs in {folder}, evaluated again on {eval_prompts} held-out prompts\n")
+    steps = config.algo.eval_steps
+    print(table(before, results, steps, methods, per_minute=False))
+    print("\n| run | " + " | ".join(f"accuracy %, {k} step{'s' if k > 1 else ''}" for k in steps) + " |")
+    print("|---|" + "---|" * len(steps))
+    for r in results:
+        print(f"| {r['method']} seed {r['seed']} | " +
+              " | ".join(f"{100 * r['eval'][f'eval_accuracy_k{k}']:.1f}" for k in steps) + " |")  # fmt: skip
 
 
 if __name__ == "__main__":
