@@ -115,12 +115,11 @@ def template_oracle(per_template: dict, fixed: dict[int, float], floor: float) -
     every assignment of one step count per template whose accuracy is at least ``floor``, the one saving the most
     steps against ``matched_fixed``. An upper bound for prompt-only policies that see no more than the template."""
     names = list(per_template)
-    n = torch.tensor([per_template[t]["n"] for t in names], dtype=torch.float64)
+    total = sum(per_template[t]["n"] for t in names)
     best = None
     for combo in itertools.product(fixed, repeat=len(names)):
-        acc = float(sum(n[i] * per_template[t]["fixed_accuracy"][u] for i, (t, u) in enumerate(zip(names, combo))))
-        acc /= float(n.sum())
-        steps = float((n * torch.tensor(combo, dtype=torch.float64)).sum() / n.sum())
+        acc = sum(per_template[t]["n"] * per_template[t]["fixed_accuracy"][u] for t, u in zip(names, combo)) / total
+        steps = sum(per_template[t]["n"] * u for t, u in zip(names, combo)) / total
         matched = matched_fixed(fixed, acc)
         if acc < floor or matched is None:
             continue

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def run(folder: Path, preset: str, epochs: int, train_batch: int, grad_accum: int) -> tuple[list, dict]:
     from safetensors.torch import load_file
 
+    from finetuners.lora import LORA_FILE
     from finetuners.runs import list_checkpoints, read_metrics
     from finetuners.sdpo import SDPOConfig
     from finetuners.trainer import TrainConfig, train
@@ -32,7 +33,7 @@ def run(folder: Path, preset: str, epochs: int, train_batch: int, grad_accum: in
     config = TrainConfig(algo=algo, eval_every=10**6, checkpoint_every=epochs, num_eval_prompts=2)
     assert train(folder, config)["state"] == "finished"
     records = [r for r in read_metrics(folder) if r.get("event") == "epoch"]
-    adapter = load_file(list_checkpoints(folder)[-1][1] / "lora" / "pytorch_lora_weights.safetensors")
+    adapter = load_file(list_checkpoints(folder)[-1][1] / "lora" / LORA_FILE)
     return records, adapter
 
 
@@ -46,10 +47,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from finetuners.sdpo import PRESETS
+    from finetuners.sdpo import SDPOConfig
 
-    pairs = PRESETS[args.preset]["sample_batch_size"] * PRESETS[args.preset]["num_batches_per_epoch"]
-    group = PRESETS[args.preset]["train_batch_size"] * PRESETS[args.preset]["grad_accum"]
+    preset = SDPOConfig.preset(args.preset)
+    pairs, group = preset.pairs_per_process, preset.train_batch_size * preset.grad_accum
     variants = {"2 pairs × accumulation": (2, group // 2), "one minibatch": (group, 1)}
     epoch_s = {k: [] for k in variants}
     update_s = {k: [] for k in variants}

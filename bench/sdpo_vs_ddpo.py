@@ -246,7 +246,7 @@ def evaluate_kept(folder: Path, eval_prompts: int, threads: int) -> None:
     folders = sorted(d for d in folder.glob("*-seed*") if (d / "config.json").is_file())
     if not folders:
         sys.exit(f"error: no run folders (METHOD-seedN with a config.json) in {folder}")
-    results, config = [], None
+    results = []
     for d in folders:
         config = TrainConfig.from_dict(runs.read_json(d / "config.json")["config"])
         config = dataclasses.replace(config, num_eval_prompts=eval_prompts)

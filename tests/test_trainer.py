@@ -155,6 +155,7 @@ def test_one_minibatch_equals_accumulated_minibatches(random_pipeline_dir, tmp_p
     one minibatch on CPU, where a small UNet's per-call overhead dominates)."""
     from safetensors.torch import load_file
 
+    from finetuners.lora import LORA_FILE
     from finetuners.runs import list_checkpoints
     from finetuners.trainer import train
 
@@ -164,7 +165,7 @@ def test_one_minibatch_equals_accumulated_minibatches(random_pipeline_dir, tmp_p
         config = _config(random_pipeline_dir, method=method, sample_batch_size=4, train_batch_size=tb,
                          grad_accum=accum, num_epochs=1, eval_steps=(1,), checkpoint_every=1)  # fmt: skip
         assert train(run, config)["state"] == "finished"
-        weights.append(load_file(list_checkpoints(run)[-1][1] / "lora" / "pytorch_lora_weights.safetensors"))
+        weights.append(load_file(list_checkpoints(run)[-1][1] / "lora" / LORA_FILE))
     acc, one = weights
     assert acc.keys() == one.keys() and any("lora.up" in k for k in acc)
     moved = max(float(acc[k].abs().max()) for k in acc if "lora.up" in k)  # B ("up") starts at zero
