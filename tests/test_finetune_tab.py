@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from finetuners.errors import UserError
 from finetuners.jobs import RunManager
@@ -24,6 +25,7 @@ from ui.backend import Backend, Settings
 from ui.finetune_tab import (
     CONFIG_FIELDS,
     CURVES,
+    SHEET_GAP,
     make_config,
     on_refresh,
     on_resume,
@@ -31,6 +33,7 @@ from ui.finetune_tab import (
     on_stop,
     resume_run,
     run_view,
+    sheet_header,
     start_run,
     stop_run,
 )
@@ -131,6 +134,9 @@ def test_a_small_unet_trains_each_update_as_one_minibatch(backend, monkeypatch):
             other = make_config(backend, **{**TINY, "batch": b}).algo
         assert tiny.grad_accum == 1 and tiny.train_batch_size == other.train_batch_size * other.grad_accum
         assert other.train_batch_size <= 2 and tiny.updates_per_epoch == other.updates_per_epoch
+    assert tab.default_eval_prompts(backend) == 32  # and evaluates more prompts by default
+    monkeypatch.setattr(tab, "SMALL_UNET_PARAMS", 0)
+    assert tab.default_eval_prompts(backend) == 8
 
 
 @pytest.mark.parametrize("name", ["../escape", "a/b", "..", ".hidden", "x" * 101, "with space"])
@@ -218,7 +224,15 @@ def test_a_finished_run_shows_curves_samples_and_status(backend, finished_run):
         assert list(view.figures[plot].data[0].x) == [1, 2], plot
     accuracy = view.figures["accuracy"]  # a JPEG reward: the Shapes probe's accuracy is not measured, and says so
     assert not accuracy.data and accuracy.layout.annotations[0].text == "not measured for this run"
-    assert [caption for _, caption in view.samples] == ["epoch 2 · 1 step", "epoch 2 · 2 steps"]
+    strips = [Image.open(finished_run.path / "samples" / f"epoch-00002_k{k}.png").convert("RGB") for k in (1, 2)]
+    sheet = view.samples  # under a header, the two strips stacked, 1 step on top, each whole, names in a margin
+    margin, header = sheet.width - strips[0].width, sheet_header(strips[0].height)
+    assert margin > 0 and sheet.height == header + 2 * strips[0].height + SHEET_GAP
+    for i, strip in enumerate(strips):
+        top = header + i * (strip.height + SHEET_GAP)
+        assert sheet.crop((margin, top, sheet.width, top + strip.height)).tobytes() == strip.tobytes()
+        assert len(set(sheet.crop((0, top, margin, top + strip.height)).getdata())) > 1  # the row's name is drawn
+    assert len(set(sheet.crop((0, 0, sheet.width, header)).getdata())) > 1  # and the evaluation's, above
     assert run_view(backend, "finished-lora", view.key) is None  # nothing changed: nothing re-sent
     status, table, picker, *rest = on_refresh(backend, "finished-lora", None)
     rows = {r[0]: r for r in table["value"]}
@@ -430,7 +444,8 @@ def test_a_sadm_run_trains_shows_fd_and_losses_and_its_checkpoint_samples(backen
     assert list(fd.data[0].y) == [r["eval_fd_probe_k1"] for r in evals] and len(evals) == 3
     assert [t.name for t in view.figures["loss"].data] == ["loss", "denoising loss", "structure loss"]
     assert list(view.figures["accuracy"].data[0].y) == [r["eval_accuracy_k1"] for r in evals]
-    assert view.samples and view.samples[0][1].startswith("step ")
+    strip = Image.open(sorted((done.path / "samples").glob("step-*_k1.png"))[-1])  # the newest evaluation's
+    assert view.samples.height == sheet_header(strip.height) + strip.height  # one step count: one row
     ref = f"run:sadm-run/step-{done.checkpoints[-1]}"
     pipe = load_checkpoint_pipeline(backend.runs_root, ref, "cpu")
     base = load_model(str(tiny_pipeline_dir), "cpu")

@@ -73,6 +73,8 @@ CURVES = {  # plot id → (title, y-axis label, metrics keys of the "epoch" reco
     "speed": ("Optimiser steps per second", "it/s", ("iterations_per_s",)),
 }
 EVAL_TITLES = {"eval_fd_probe_k": ("FD-probe at each evaluation step count (lower is better)", "FD-probe")}
+SAMPLES_LABEL = "Latest samples: a row per evaluation step count"
+SHEET_GAP = 6  # pixels between the sample sheet's rows, and around its row names
 _SAMPLE = re.compile(r"^(epoch|step)-(\d+)_k(\d+)\.png$")  # trainer.py runs: epoch-N; SADM runs: step-N
 
 
@@ -83,7 +85,7 @@ class RunView:
     key: tuple  # changes whenever anything shown changes (so unchanged refreshes send nothing)
     status: str  # Markdown: the run's state and any error, in words
     figures: dict  # plot id → plotly figure
-    samples: list  # [(PIL image, caption)] of the latest evaluation
+    samples: object  # PIL image: the latest evaluation's sample sheet (a row per step count), or None
     points: int  # evaluation records plotted
 
 
@@ -131,6 +133,22 @@ def check_reward(reward, weights) -> str:
                         "them yourself and enter their folder under “Reward weights”")  # fmt: skip
     make_reward(name, "cpu", (weights or "").strip() or None)
     return name
+
+
+def small_unet(backend: Backend) -> bool:
+    """Whether the app's model has a UNet under ``SMALL_UNET_PARAMS`` weights (the Shapes model): per-call overhead,
+    not arithmetic, bounds its speed, so it trains an update's pairs as one minibatch and evaluates more prompts."""
+    unet = backend.pipeline(backend.settings.model).unet
+    return sum(p.numel() for p in unet.parameters()) < SMALL_UNET_PARAMS
+
+
+def default_eval_prompts(backend: Backend) -> int:
+    """The form's evaluation prompts: 32 on a small UNet (an evaluation at 1/2/4/8 steps costs about half an epoch
+    there, and accuracy moves in steps of 1/32 rather than 1/8), 8 on a real model, whose evaluation is dear."""
+    try:
+        return 32 if small_unet(backend) else 8
+    except UserError:  # the model does not load: starting a run will say so
+        return 8
 
 
 def make_config(backend: Backend, method, reward, learning_rate, batch, epochs, train_steps, eval_steps, adapter,
@@ -191,7 +209,7 @@ def make_config(backend: Backend, method, reward, learning_rate, batch, epochs, 
     pairs = batch * batches
     train_batch = 2 if pairs % 2 == 0 else 1  # minibatches must fill whole accumulation groups (§1.2(e))
     grad_accum = 2 if (pairs // train_batch) % 2 == 0 else 1
-    if sum(p.numel() for p in backend.pipeline(settings.model).unet.parameters()) < SMALL_UNET_PARAMS:
+    if small_unet(backend):
         train_batch, grad_accum = train_batch * grad_accum, 1  # one minibatch per update: same update, less time
     spacing = "pipeline" if sampler == "lcm" else "trailing"
     algo = SDPOConfig.preset(
@@ -307,17 +325,45 @@ def run_view(backend: Backend, name, previous_key: tuple | None = None) -> RunVi
         return None
     metrics = manager.metrics(info.name)
     figures = {plot: curve_figure(metrics, plot) for plot in CURVES}
-    images = []
+    rows = []
     for path, k in samples:
         try:
             from PIL import Image
 
             with Image.open(path) as im:
-                images.append((im.convert("RGB"), f"{when} · {k} step{'s' * (k > 1)}"))
+                rows.append((f"{k} step{'s' * (k > 1)}", im.convert("RGB")))
         except OSError:  # being replaced right now: the next refresh shows it
             continue
     points = sum(1 for r in metrics if r.get("event") == "eval")
-    return RunView(key, describe_status(info), figures, images, points)
+    return RunView(key, describe_status(info), figures, sample_sheet(when, rows), points)
+
+
+def sample_sheet(title: str | None, rows: list[tuple[str, object]]):
+    """The strips of one evaluation stacked into one image under a header that names the evaluation ("epoch 30",
+    right-aligned, clear of the panel's label), each row named on its left ("1 step", "2 steps"…), so that the step
+    counts read top to bottom at the panel's full width. None for no rows."""
+    if not rows:
+        return None
+    from PIL import Image, ImageDraw, ImageFont
+
+    height = max(im.height for _, im in rows)
+    font = ImageFont.load_default(size=max(12, height // 5))
+    margin = SHEET_GAP + max(int(font.getlength(name)) for name, _ in rows) + SHEET_GAP
+    header = sheet_header(height)
+    width = margin + max(im.width for _, im in rows)
+    sheet = Image.new("RGB", (width, header + len(rows) * (height + SHEET_GAP) - SHEET_GAP), "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.text((width - SHEET_GAP, header // 2), title or "", fill="black", font=font, anchor="rm")
+    for i, (name, im) in enumerate(rows):
+        top = header + i * (height + SHEET_GAP)
+        sheet.paste(im, (margin, top))
+        draw.text((SHEET_GAP, top + height // 2), name, fill="black", font=font, anchor="lm")
+    return sheet
+
+
+def sheet_header(row_height: int) -> int:
+    """Height of the sample sheet's header band, in pixels, for rows ``row_height`` tall."""
+    return max(24, row_height * 3 // 5)
 
 
 def _finite(x) -> bool:
@@ -373,7 +419,7 @@ def on_refresh(backend: Backend, name, shown: dict | None) -> tuple:
     now = {"rows": rows, "names": names, "view": None}
     if not name:
         status = "No run selected: start one, or pick one from the list." if not names else gr.skip()
-        return status, table, picker, *[None] * len(CURVES), [], now
+        return status, table, picker, *[None] * len(CURVES), None, now
     view, message = attempt("reading the run", run_view, backend, name, shown.get("view"))
     if message is not None:
         return error_markdown(message, "Cannot show the run"), table, picker, *skip_view[:-1], now
@@ -417,7 +463,8 @@ def build_finetune_tab(backend: Backend) -> gr.Tab:
                     with gr.Row():
                         batches = gr.Number(value=2, precision=0, label="Sampling batches per epoch",
                                             elem_id="finetune-batches")  # fmt: skip
-                        eval_prompts = gr.Number(value=8, precision=0, label="Evaluation prompts",
+                        eval_prompts = gr.Number(value=default_eval_prompts(backend), precision=0,
+                                                 label="Evaluation prompts",
                                                  elem_id="finetune-eval-prompts")  # fmt: skip
                     with gr.Row():
                         eval_every = gr.Number(value=1, precision=0, label="Evaluate every (epochs)",
@@ -463,9 +510,9 @@ def build_finetune_tab(backend: Backend) -> gr.Tab:
                 with gr.Row():
                     plots["memory"] = gr.Plot(elem_id="finetune-curve-memory", show_label=False)
                     plots["speed"] = gr.Plot(elem_id="finetune-curve-speed", show_label=False)
-                samples = gr.Gallery(label="Latest samples (one grid per evaluation step count)", columns=2,
-                                     height=320, object_fit="contain", format="png", elem_id="finetune-samples",
-                                     elem_classes=["pixel-gallery"])  # fmt: skip
+                samples = gr.Image(label=SAMPLES_LABEL, type="pil", format="png", interactive=False,
+                                   elem_id="finetune-samples", elem_classes=["pixel-gallery"],
+                                   buttons=["download", "fullscreen"])  # fmt: skip
         table = gr.Dataframe(headers=RUN_COLUMNS, value=[], label="Runs", interactive=False, elem_id="finetune-runs",
                              wrap=True)  # fmt: skip
 
