@@ -13,6 +13,7 @@ import signal
 import time
 from pathlib import Path
 
+import gradio as gr
 import pytest
 import torch
 from PIL import Image
@@ -265,6 +266,33 @@ def test_checkpoints_are_models_in_the_sample_tab(backend, finished_run, tiny_pi
                          ("run:finished-lora", "not a checkpoint reference")]:  # fmt: skip
         with pytest.raises(UserError, match=message):
             backend.pipeline(bad)
+
+
+def test_the_sample_tab_puts_base_and_checkpoint_side_by_side(backend, finished_run, tiny_pipeline_dir):
+    """Compare with: each seed's base image, then the checkpoint's, made by the very same request as each model
+    alone would make them; strips and timings for both. Comparing a model with itself, or with a missing
+    checkpoint, is refused in words and changes nothing shown."""
+    from ui.sample_tab import on_generate, run_sample
+
+    base, ref = str(tiny_pipeline_dir), f"run:finished-lora/step-{list_checkpoints(finished_run.path)[-1][0]}"
+    args = ("a red circle above a blue square", "", 2, "ddim", 0.0, 1.0, 7, 3)
+    both = run_sample(backend, base, *args, compare=ref)
+    alone, tuned = run_sample(backend, base, *args), run_sample(backend, ref, *args)
+    assert both.compared and not alone.compared and len(both.images) == 6
+    for i in range(3):
+        (a, caption_a), (b, caption_b) = both.images[2 * i : 2 * i + 2]
+        assert (caption_a, caption_b) == (f"{base} · seed {7 + i}", f"{ref} · seed {7 + i}")
+        assert a.tobytes() == alone.images[i][0].tobytes() and b.tobytes() == tuned.images[i][0].tobytes()
+    assert any(x[0].tobytes() != y[0].tobytes() for x, y in zip(alone.images, tuned.images))  # the pairs differ
+    assert [label.split(" · ")[0] for label, _ in both.strips] == [base, ref, base, ref]
+    assert both.info.startswith(f"**{base}**: ") and f"  \n**{ref}**: " in both.info
+    gallery, *_ = on_generate(backend, base, *args, compare=ref)
+    assert gallery["columns"] == 4  # two pairs per row: each pair stays on one row
+    with pytest.raises(UserError, match="already the model"):
+        run_sample(backend, base, *args, compare=base)
+    for bad, message in [(base, "already the model"), ("run:finished-lora/step-999", "no complete checkpoint")]:
+        gallery, strip, info, error, state = on_generate(backend, base, *args, compare=bad)
+        assert message in error and all(u == gr.skip() for u in (gallery, strip, info, state)), error
 
 
 def test_a_full_unet_checkpoint_loads_in_the_sample_tab(backend, tiny_pipeline_dir):

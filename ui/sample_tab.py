@@ -26,15 +26,17 @@ MAX_STRIP_IMAGES = 4  # images of a batch whose x̂0 strip is kept in the sessio
 
 GalleryItem = tuple  # (PIL.Image, caption)
 ADAPTIVE_OFF = "off"  # the adaptive-steps picker's "use the Steps slider" choice
+COMPARE_OFF = "off"  # the compare picker's "one model" choice
 
 
 @dataclass
 class SampleView:
     """What one Generate click shows."""
 
-    images: list[GalleryItem]  # one per image of the batch, captioned with its seed
+    images: list[GalleryItem]  # one per image of the batch, captioned with its seed; compared: pairs, model A first
     strips: list[tuple[str, list[GalleryItem]]]  # (label, x̂0 frames captioned with t) for the first images
     info: str  # Markdown: time per image, sampler, timesteps
+    compared: bool = False  # images alternate between the two models, one pair per seed
 
 
 # -- handler ---------------------------------------------------------------------------------------------------
@@ -64,29 +66,58 @@ def make_request(prompt, negative_prompt, steps, sampler, eta, guidance, seed, b
 
 def run_sample(
     backend: Backend, model, prompt, negative_prompt, steps, sampler, eta, guidance, seed, batch, progress=None,
-    adaptive=None,
+    adaptive=None, compare=None,
 ) -> SampleView:  # fmt: skip
     """Generate and convert for display. ``progress(fraction_or_(i, n), desc=…)`` is optional (gr.Progress).
-    ``adaptive``: the name of an AdaDiff policy (Adaptive steps tab) that picks the step count instead of ``steps``."""
+    ``adaptive``: the name of an AdaDiff policy (Adaptive steps tab) that picks the step count instead of ``steps``.
+    ``compare``: a second model or checkpoint, sampled with the very same request (seeds, steps, sampler, guidance),
+    so that base and fine-tuned images of one seed sit side by side."""
     request = make_request(
         prompt, negative_prompt, steps, sampler, eta, guidance, seed, batch, backend.settings.max_batch
     )
     name = backend.check_model(model)
+    other = None
+    if compare and compare != COMPARE_OFF:
+        other = backend.check_model(compare)
+        if other == name:
+            raise UserError(f"{name!r} is already the model: pick another one to compare with, or 'off'")
     if progress is not None:
         progress(0, desc="starting" if name in backend.loaded_models() else "loading model")
     chosen = ""
     if adaptive and adaptive != ADAPTIVE_OFF:  # an AdaDiff policy picks the step count
         request, chosen = choose_for_prompt(backend, name, adaptive, request)
 
-    def on_step(i, t, x, out):
-        if progress is not None:
-            progress((i + 1, request.steps), desc=f"step {i + 1}/{request.steps} (t={int(t)})", unit="steps")
+    def on_step(label):
+        def step(i, t, x, out):
+            if progress is not None:
+                desc = f"{label}step {i + 1}/{request.steps} (t={int(t)})"
+                progress((i + 1, request.steps), desc=desc, unit="steps")
 
-    result = backend.generate(model, request, callback=on_step)
+        return step
+
+    result = backend.generate(name, request, callback=on_step(f"{name}: " if other else ""))
     view = build_view(result, request, backend.settings.display_px)
+    if other is not None:
+        if progress is not None and other not in backend.loaded_models():
+            progress(0, desc=f"loading {other}")
+        second = build_view(backend.generate(other, request, callback=on_step(f"{other}: ")), request,
+                            backend.settings.display_px)  # fmt: skip
+        view = side_by_side(name, view, other, second)
     if chosen:
         view.info += f"  \n{chosen}"
     return view
+
+
+def side_by_side(name_a: str, a: SampleView, name_b: str, b: SampleView) -> SampleView:
+    """Two views of one request merged pairwise: for each seed, model A's image, then model B's (captions name the
+    model), with their x̂0 strips in the same order; both models' timings."""
+    images = [(img, f"{name} · {caption}") for pair in zip(a.images, b.images)
+              for name, (img, caption) in zip((name_a, name_b), pair)]  # fmt: skip
+    strips = [(f"{name} · {label}", frames) for pair in zip(a.strips, b.strips)
+              for name, (label, frames) in zip((name_a, name_b), pair)]  # fmt: skip
+    timing_b = b.info.split("  \n")[0]  # the same request: only the time per image differs
+    info = f"**{name_a}**: {a.info}  \n**{name_b}**: {timing_b}"
+    return SampleView(images, strips[:MAX_STRIP_IMAGES], info, compared=True)
 
 
 def build_view(result, request: SampleRequest, display_px: int) -> SampleView:
@@ -136,17 +167,19 @@ def defaults_for(backend: Backend, model) -> tuple[int, str, float]:
 
 def on_generate(
     backend: Backend, model, prompt, negative_prompt, steps, sampler, eta, guidance, seed, batch, progress=None,
-    adaptive=None,
+    adaptive=None, compare=None,
 ) -> tuple:  # fmt: skip
     """Updates for (gallery, strip, info, error, strips state). On failure only the error message changes,
     and a warning toast repeats it."""
     view, message = attempt(
         "generation", run_sample, backend, model, prompt, negative_prompt, steps, sampler, eta, guidance, seed, batch,
-        progress, adaptive,
+        progress, adaptive, compare,
     )  # fmt: skip
     if message is None:
         label, frames = view.strips[0] if view.strips else (strip_label(0), [])
-        images = gr.update(value=view.images, columns=2 if len(view.images) <= 4 else 4)
+        # an even number of columns keeps each compared pair on one row
+        columns = 2 if len(view.images) <= (2 if view.compared else 4) else 4
+        images = gr.update(value=view.images, columns=columns)
         return images, gr.update(value=frames, label=label), view.info, "", view.strips
     gr.Warning(message)
     return gr.skip(), gr.skip(), gr.skip(), error_markdown(message), gr.skip()
@@ -259,6 +292,14 @@ def build_sample_tab(backend: Backend) -> gr.Tab:
                         scale=4,
                         elem_id="sample-batch",
                     )
+                compare = gr.Dropdown(
+                    choices=[COMPARE_OFF, *backend.model_choices()],
+                    value=COMPARE_OFF,
+                    label="Compare with",
+                    info="a second model or checkpoint, same seeds and settings: each seed's pair side by side",
+                    allow_custom_value=settings.custom_models,
+                    elem_id="sample-compare",
+                )
                 adaptive = gr.Dropdown(
                     choices=[ADAPTIVE_OFF, *policy_choices(backend)],
                     value=ADAPTIVE_OFF,
@@ -289,13 +330,13 @@ def build_sample_tab(backend: Backend) -> gr.Tab:
                     allow_preview=True,
                 )
 
-        inputs = [model, prompt, negative, steps, sampler, eta, guidance, seed, batch, adaptive]
+        inputs = [model, prompt, negative, steps, sampler, eta, guidance, seed, batch, adaptive, compare]
         outputs = [gallery, strip, info, error, strips_state]
 
-        def generate_fn(model, prompt, negative, steps, sampler, eta, guidance, seed, batch, adaptive,
+        def generate_fn(model, prompt, negative, steps, sampler, eta, guidance, seed, batch, adaptive, compare,
                         progress=gr.Progress()):  # fmt: skip
             return on_generate(backend, model, prompt, negative, steps, sampler, eta, guidance, seed, batch, progress,
-                               adaptive)  # fmt: skip
+                               adaptive, compare)  # fmt: skip
 
         events = dict(concurrency_id="generate", concurrency_limit=settings.concurrency)
         generate.click(generate_fn, inputs, outputs, api_name="sample", **events)
@@ -309,6 +350,7 @@ def build_sample_tab(backend: Backend) -> gr.Tab:
         model.change(model_fn, [model], [steps, sampler, guidance, error], trigger_mode="always_last", **events)
         # checkpoints of runs that finished since the page loaded (the Fine-tune tab) join the model list
         tab.select(lambda: gr.update(choices=backend.model_choices()), None, [model], queue=False)
+        tab.select(lambda: gr.update(choices=[COMPARE_OFF, *backend.model_choices()]), None, [compare], queue=False)
         tab.select(lambda: gr.update(choices=[ADAPTIVE_OFF, *policy_choices(backend)]), None, [adaptive], queue=False)
     return tab
 
