@@ -1,6 +1,7 @@
 """One walk through every tab of the real app (``python app.py`` in a subprocess) in headless chromium, as a user
-would go: sample, label a few pairs, start and stop a short fine-tuning run, train a tiny step policy and view its
-choice for a prompt, superpose two prompts. A screenshot of each tab is kept in the test artefacts folder.
+would go: sample, label a few pairs, start and stop a short fine-tuning run, sample its checkpoint beside the base
+model, train a tiny step policy and view its choice for a prompt, superpose two prompts. A screenshot of each tab
+is kept in the test artefacts folder.
 
 The per-tab browser tests (test_browser.py, test_label_app.py, test_adaptive_browser.py) go deeper into each tab;
 this one checks that a single session can go through all of them in turn, each showing real content."""
@@ -89,6 +90,25 @@ def _finetune(page) -> None:
     _shot(page, "finetune")
 
 
+def _compare(page) -> None:
+    """Back in the Sample tab: the stopped run's checkpoint beside the base model, one pair per seed."""
+    page.get_by_role("tab", name="Sample").click()
+    compare = page.locator("#sample-compare input")
+    compare.click()
+    page.get_by_role("option").first.wait_for()
+    ref = next(o.strip() for o in page.get_by_role("option").all_inner_texts() if o.startswith("run:walk-run/step-"))
+    page.get_by_role("option", name=ref, exact=True).click()
+    _number(page, "#sample-batch", "2")
+    page.locator("#sample-generate").click()
+    page.locator("#sample-info").get_by_text(ref).wait_for(timeout=120_000)
+    page.wait_for_function("() => [...document.querySelectorAll('#sample-gallery img')].filter(i => i.complete && "
+                           "i.naturalWidth > 0).length === 4")  # fmt: skip
+    shown = page.locator("#sample-gallery").inner_text()
+    assert all(f"{tag} · seed {i}" in shown for tag in "AB" for i in (0, 1)), shown
+    assert page.locator("#sample-error").inner_text().strip() == ""
+    _shot(page, "compare")
+
+
 def _adaptive(page) -> None:
     page.get_by_role("tab", name="Adaptive steps").click()
     # No policy yet: train the smallest one (1 prompt × 1 seed at 1 and 2 steps, a few epochs) in the tab.
@@ -142,7 +162,8 @@ def test_a_user_walks_through_every_tab(tiny_pipeline_dir, tmp_path):
         with browser_page(app.url, timeout_ms=60_000, height=1100) as page:
             page.locator("#sample-prompt textarea").wait_for()
             stages = [("sample", _sample, ()), ("label", _label, (data,)), ("finetune", _finetune, ()),
-                      ("adaptive", _adaptive, ()), ("superpose", _superpose, ())]  # fmt: skip
+                      ("compare", _compare, ()), ("adaptive", _adaptive, ()),
+                      ("superpose", _superpose, ())]  # fmt: skip
             for name, stage, args in stages:
                 t0 = time.monotonic()
                 stage(page, *args)

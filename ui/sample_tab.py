@@ -109,14 +109,14 @@ def run_sample(
 
 
 def side_by_side(name_a: str, a: SampleView, name_b: str, b: SampleView) -> SampleView:
-    """Two views of one request merged pairwise: for each seed, model A's image, then model B's (captions name the
-    model), with their x̂0 strips in the same order; both models' timings."""
-    images = [(img, f"{name} · {caption}") for pair in zip(a.images, b.images)
-              for name, (img, caption) in zip((name_a, name_b), pair)]  # fmt: skip
-    strips = [(f"{name} · {label}", frames) for pair in zip(a.strips, b.strips)
-              for name, (label, frames) in zip((name_a, name_b), pair)]  # fmt: skip
+    """Two views of one request merged pairwise: for each seed, model A's image, then model B's (captions "A · seed
+    0", short enough to read whole; the info names A and B), with their x̂0 strips in the same order; both timings."""
+    images = [(img, f"{tag} · {caption}") for pair in zip(a.images, b.images)
+              for tag, (img, caption) in zip("AB", pair)]  # fmt: skip
+    strips = [(f"{tag} · {label}", frames) for pair in zip(a.strips, b.strips)
+              for tag, (label, frames) in zip("AB", pair)]  # fmt: skip
     timing_b = b.info.split("  \n")[0]  # the same request: only the time per image differs
-    info = f"**{name_a}**: {a.info}  \n**{name_b}**: {timing_b}"
+    info = f"**A** = `{name_a}`: {a.info}  \n**B** = `{name_b}`: {timing_b}"
     return SampleView(images, strips[:MAX_STRIP_IMAGES], info, compared=True)
 
 
@@ -296,7 +296,7 @@ def build_sample_tab(backend: Backend) -> gr.Tab:
                     choices=[COMPARE_OFF, *backend.model_choices()],
                     value=COMPARE_OFF,
                     label="Compare with",
-                    info="a second model or checkpoint, same seeds and settings: each seed's pair side by side",
+                    info="model B, sampled with the same seeds and settings: each seed's pair side by side, A then B",
                     allow_custom_value=settings.custom_models,
                     elem_id="sample-compare",
                 )
