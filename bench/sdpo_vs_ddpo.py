@@ -233,6 +233,7 @@ def main() -> None:
             f"| {r['method']} | {r['seed']} | {r['stop_reason']} | {r['train_seconds']:.0f} | {r['epochs']} | "
             f"{r['optimiser_steps']} | {r['reward_queries_completed_epochs']} |"
         )
+    print(per_run_table(sorted(results, key=lambda r: (r["method"], r["seed"])), steps))
     if args.json:
         args.json.write_text(json.dumps({"command": command, "config": dataclasses.asdict(config.algo),
                                          "before": before, "runs": results}, indent=1))  # fmt: skip
@@ -259,11 +260,17 @@ def evaluate_kept(folder: Path, eval_prompts: int, threads: int) -> None:
     print(f"## Kept runs in {folder}, evaluated again on {eval_prompts} held-out prompts\n")
     steps = config.algo.eval_steps
     print(table(before, results, steps, methods, per_minute=False))
-    print("\n| run | " + " | ".join(f"accuracy %, {k} step{'s' if k > 1 else ''}" for k in steps) + " |")
-    print("|---|" + "---|" * len(steps))
+    print(per_run_table(results, steps))
+
+
+def per_run_table(results: list[dict], steps) -> str:
+    """Each run's own accuracy at every evaluation step count (the summary table gives mean ± std)."""
+    lines = ["", "| run | " + " | ".join(f"accuracy %, {k} step{'s' if k > 1 else ''}" for k in steps) + " |",
+             "|---|" + "---|" * len(steps)]  # fmt: skip
     for r in results:
-        print(f"| {r['method']} seed {r['seed']} | " +
-              " | ".join(f"{100 * r['eval'][f'eval_accuracy_k{k}']:.1f}" for k in steps) + " |")  # fmt: skip
+        lines.append(f"| {r['method']} seed {r['seed']} | " +
+                     " | ".join(f"{100 * r['eval'][f'eval_accuracy_k{k}']:.1f}" for k in steps) + " |")  # fmt: skip
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
