@@ -1,15 +1,17 @@
 """SuperDiff on the Shapes world (ALGORITHMS.md §4): does AND compose, does OR cover both modes, what does it cost.
 
-    python bench/superdiff_shapes.py [--model shapes] [--probe assets/shapes-probe] [--n 64] [--steps 100]
+    python bench/superdiff_shapes.py [--model shapes] [--probe assets/shapes-probe] [--n 64] [--steps 100] \
+        [--objects "a red circle" "a blue square"]
 
 Every sampler draws image i from seed i (i = 0 … n−1), so the rows of a table differ only in the sampler. The
 Shapes probe (``read_scene``) reads each image; an image "contains" an object when the probe sees that
 (shape, colour) in any cell.
 
-1. Two objects, A = "a red circle", B = "a blue square": the fraction of images containing both, only A, only
-   B, or neither, under AND, averaged predictions (κ = ½), OR (T = 1) and two joint prompts: "A and B", the
-   joint prompt of ALGORITHMS.md §4.4 (outside the Shapes grammar, whose captions have no "and"), and the nearest
-   in-grammar joint prompts, the relation captions "a red circle <relation> a blue square", each relation on a
+1. Two objects, A = "a red circle", B = "a blue square" (or ``--objects A B``, one object each, a position phrase
+   allowed): the fraction of images containing both, only A, only B, or neither, under AND, averaged predictions
+   (κ = ½), OR (T = 1) and two joint prompts: "A and B", the joint prompt of ALGORITHMS.md §4.4 (outside the
+   Shapes grammar, whose captions have no "and"), and the nearest in-grammar joint prompts, the relation captions
+   "a red circle <relation> a blue square" (the two objects without their positions), each relation on a
    quarter of the seeds. Joint prompts run the ordinary sampler (DDIM, η = 1, as the app's baseline). OR's
    balance is only-A / (only-A + only-B): 0.5 is even.
 2. Two positions, A = "a red circle on the left", B = "a red circle at the top": the fraction whose red circle
@@ -158,21 +160,29 @@ class Bench:
         return read_scene(*self.probe(images))
 
 
-def objects_table(bench: Bench) -> tuple[list[str], dict]:
-    a, b = parse_prompt(OBJ_A).objects[0], parse_prompt(OBJ_B).objects[0]
+def object_phrase(obj: tuple[str, str]) -> str:
+    shape, color = obj
+    return f"a {color} {shape}"
+
+
+def objects_table(bench: Bench, prompt_a: str = OBJ_A, prompt_b: str = OBJ_B) -> tuple[list[str], dict]:
+    """Table 1 for two one-object prompts (with or without a position); the relation captions name their objects
+    only (a relation caption has no position phrase)."""
+    a, b = parse_prompt(prompt_a).objects[0], parse_prompt(prompt_b).objects[0]
     quarter = -(-bench.n // len(RELATIONS))
-    joint = [f"{OBJ_A} {RELATIONS[i // quarter]} {OBJ_B}" for i in range(bench.n)]
+    joint = [f"{object_phrase(a)} {RELATIONS[i // quarter]} {object_phrase(b)}" for i in range(bench.n)]
     runs = {
-        "AND": bench.superpose(OBJ_A, OBJ_B, "and", "AND"),
-        "averaged κ = ½": bench.superpose(OBJ_A, OBJ_B, "avg", "averaged κ = ½"),
-        "joint prompt “A and B”": bench.ordinary([f"{OBJ_A} and {OBJ_B}"] * bench.n, "joint prompt and"),
+        "AND": bench.superpose(prompt_a, prompt_b, "and", "AND"),
+        "averaged κ = ½": bench.superpose(prompt_a, prompt_b, "avg", "averaged κ = ½"),
+        "joint prompt “A and B”": bench.ordinary([f"{prompt_a} and {prompt_b}"] * bench.n, "joint prompt and"),
         "joint prompt with a relation": bench.ordinary(joint, "joint prompt"),
-        "OR (T = 1)": bench.superpose(OBJ_A, OBJ_B, "or", "OR (T = 1)"),
+        "OR (T = 1)": bench.superpose(prompt_a, prompt_b, "or", "OR (T = 1)"),
     }
     lines = [
-        f'### 1. Two objects: A = "{OBJ_A}", B = "{OBJ_B}"',
-        f'joint prompts: "{OBJ_A} and {OBJ_B}" (outside the grammar, which has no “and”) and "{OBJ_A} <relation> '
-        f'{OBJ_B}", relation = {", ".join(RELATIONS)} on a quarter of the seeds each',
+        f'### 1. Two objects: A = "{prompt_a}", B = "{prompt_b}"',
+        f'joint prompts: "{prompt_a} and {prompt_b}" (outside the grammar, which has no “and”) and '
+        f'"{object_phrase(a)} <relation> {object_phrase(b)}", relation = {", ".join(RELATIONS)} on a quarter of the '
+        "seeds each",
         "",
         "| sampler | contains both | only A | only B | neither | most common reading |",
         "|---|---|---|---|---|---|",
@@ -272,7 +282,20 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=100, help="Euler–Maruyama steps (and DDIM steps of the joint prompt)")
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--json", type=Path, help="also write the numbers as JSON here")
+    p.add_argument(
+        "--objects",
+        nargs=2,
+        metavar=("A", "B"),
+        default=[OBJ_A, OBJ_B],
+        help="table 1's two one-object prompts (a position phrase allowed), naming different objects",
+    )
     args = p.parse_args()
+    specs = [parse_prompt(text) for text in args.objects]
+    for text, spec in zip(args.objects, specs):
+        if spec is None or len(spec.objects) != 1:
+            p.error(f"--objects {text!r}: not a one-object Shapes caption (e.g. 'a red circle on the left')")
+    if specs[0].objects[0] == specs[1].objects[0]:
+        p.error("--objects: the two prompts must name different objects")
     start = time.perf_counter()
     pipe = load_model(args.model, "cpu")
     probe = ShapesProbe.load(args.probe)
@@ -281,7 +304,7 @@ def main() -> None:
     print(f"command: {command.strip()}")
     print(f"model {args.model}, probe {args.probe}, seeds 0…{args.n - 1}, {args.steps} steps, guidance "
           f"{args.guidance:g}, torch {torch.__version__}, {torch.get_num_threads()} threads\n", flush=True)  # fmt: skip
-    objects, obj_numbers = objects_table(bench)
+    objects, obj_numbers = objects_table(bench, *args.objects)
     print("\n".join(objects) + "\n", flush=True)
     positions, pos_numbers = positions_table(bench)
     print("\n".join(positions) + "\n", flush=True)
