@@ -221,6 +221,9 @@ def test_a_finished_run_shows_curves_samples_and_status(backend, finished_run):
     assert list(reward.data[0].x) == [0, 1, 2] and view.points == 3  # evaluations before and after each epoch
     evals = [r for r in read_metrics(finished_run.path) if r["event"] == "eval"]
     assert list(reward.data[1].y) == [r["eval_reward_k2"] for r in evals]
+    first, second = reward.data  # a later line is drawn inside an earlier one it may cover, in another dash
+    assert first.marker.size > second.marker.size and first.line.width > second.line.width
+    assert first.line.dash != second.line.dash
     for plot in ("loss", "grad_norm", "memory", "speed"):
         assert list(view.figures[plot].data[0].x) == [1, 2], plot
     accuracy = view.figures["accuracy"]  # a JPEG reward: the Shapes probe's accuracy is not measured, and says so

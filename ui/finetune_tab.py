@@ -73,6 +73,7 @@ CURVES = {  # plot id → (title, y-axis label, metrics keys of the "epoch" reco
     "speed": ("Optimiser steps per second", "it/s", ("iterations_per_s",)),
 }
 EVAL_TITLES = {"eval_fd_probe_k": ("FD-probe at each evaluation step count (lower is better)", "FD-probe")}
+DASHES = ("solid", "dash", "dot", "dashdot")  # the evaluation curves' line styles, by step count
 SAMPLES_LABEL = "Latest samples: a row per evaluation step count"
 SHEET_GAP = 6  # pixels between the sample sheet's rows, and around its row names
 _SAMPLE = re.compile(r"^(epoch|step)-(\d+)_k(\d+)\.png$")  # trainer.py runs: epoch-N; SADM runs: step-N
@@ -280,10 +281,13 @@ def curve_figure(metrics: list[dict], plot: str):
         prefix = next((p for p in keys if any(k.startswith(p) for r in evals for k in r)), keys[0])
         title, y_title = EVAL_TITLES.get(prefix, (title, y_title))
         ks = sorted({int(k[len(prefix) :]) for r in evals for k in r if k.startswith(prefix)})
-        for k in ks:
+        for i, k in enumerate(ks):
             rows = [r for r in evals if _finite(r.get(f"{prefix}{k}"))]
+            # Step counts often score alike (4 and 8 steps both at 100 %): each later line is drawn thinner, with
+            # smaller markers and its own dash, so that an earlier line it covers still shows around it.
+            style = dict(marker=dict(size=max(3, 10 - 2 * i)), line=dict(width=max(1, 3 - i / 2), dash=DASHES[i % 4]))
             fig.add_trace(go.Scatter(x=[r["epoch"] for r in rows], y=[r[f"{prefix}{k}"] for r in rows],
-                                     mode="lines+markers", name=f"{k} step{'s' * (k > 1)}"))  # fmt: skip
+                                     mode="lines+markers", name=f"{k} step{'s' * (k > 1)}", **style))  # fmt: skip
         if evals and not ks:  # e.g. probe accuracy of a run on a non-Shapes reward
             fig.add_annotation(text="not measured for this run", showarrow=False, xref="paper", yref="paper",
                                x=0.5, y=0.5, font=dict(size=13, color="#888"))  # fmt: skip
