@@ -35,6 +35,7 @@ import torch  # noqa: E402
 
 from finetuners import adadiff  # noqa: E402
 from finetuners.models import load_model, resolve_model_path  # noqa: E402
+from finetuners.runs import is_checkpoint_ref, load_checkpoint_pipeline, read_json, resolve_checkpoint  # noqa: E402
 from finetuners.shapes.world import eval_prompts, parse_prompt  # noqa: E402
 
 TEMPLATES = ("object", "position", "relation")
@@ -45,13 +46,19 @@ def template(prompt: str) -> str:
     return "relation" if spec.relation else "position" if spec.position else "object"
 
 
-def weights_key(model: str) -> str:
-    """A short hash of the pipeline's weight files' contents: a new model, a new cache (a copy, the same one)."""
-    folder = Path(resolve_model_path(model))
+def weights_key(model: str, runs_root: Path) -> str:
+    """A short hash of the pipeline's weight files' contents: a new model, a new cache (a copy, the same one). A run's
+    checkpoint (``run:NAME/step-N``) hashes its base model's files and then its own (a LoRA or a whole UNet)."""
+    if is_checkpoint_ref(model):
+        run_dir, ckpt = resolve_checkpoint(runs_root, model)
+        folders = [Path(resolve_model_path(read_json(run_dir / "config.json")["config"]["algo"]["model"])), ckpt]
+    else:
+        folders = [Path(resolve_model_path(model))]
     h = hashlib.sha256()
-    for f in sorted(folder.glob("*/*.safetensors")):
-        h.update(str(f.relative_to(folder)).encode())
-        h.update(hashlib.sha256(f.read_bytes()).digest())
+    for folder in folders:
+        for f in sorted(folder.glob("*/*.safetensors")):
+            h.update(str(f.relative_to(folder)).encode())
+            h.update(hashlib.sha256(f.read_bytes()).digest())
     return h.hexdigest()[:12]
 
 
@@ -59,7 +66,7 @@ def cached_ladder(pipe, name: str, prompts, seeds, args, cache: Path) -> adadiff
     """The ladder's images (uint8) from the cache, or rendered now and stored."""
     from safetensors.torch import load_file, save_file
 
-    key = hashlib.sha256(json.dumps([weights_key(args.model), prompts, seeds.tolist(), args.candidates,
+    key = hashlib.sha256(json.dumps([weights_key(args.model, args.runs), prompts, seeds.tolist(), args.candidates,
                                      args.sampler, args.guidance]).encode()).hexdigest()[:16]  # fmt: skip
     path = cache / f"{name}-{key}.safetensors"
     if path.is_file():
@@ -132,7 +139,8 @@ def template_oracle(per_template: dict, fixed: dict[int, float], floor: float) -
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="shapes")
+    ap.add_argument("--model", default="shapes", help="a pipeline, or a run's checkpoint run:NAME/step-N")
+    ap.add_argument("--runs", type=Path, default=Path("runs"), help="runs folder for --model run:NAME/step-N")
     ap.add_argument("--n-eval", type=int, default=1000)
     ap.add_argument("--protocol", choices=("crossfit", "separate"), default="crossfit",
                     help="crossfit: 2 folds of the held-out prompts by prompt string, each read out by the policy "
@@ -161,7 +169,10 @@ def main() -> None:
                                    num_seeds=args.seeds, sampler=args.sampler, guidance=args.guidance,
                                    loss=args.loss, epochs=args.epochs, seed=args.policy_seed)  # fmt: skip
     args.candidates = list(config.candidates)
-    pipe = load_model(args.model, "cpu")
+    if is_checkpoint_ref(args.model):
+        pipe = load_checkpoint_pipeline(args.runs, args.model, "cpu")
+    else:
+        pipe = load_model(args.model, "cpu")
     held_out = eval_prompts(args.n_eval)
     eval_ladder = cached_ladder(pipe, "eval", held_out, torch.arange(len(held_out))[:, None], args, args.cache)
     iqs = adadiff.make_iqs(args.quality)
@@ -224,7 +235,7 @@ def main() -> None:
             "fixed_accuracy": {int(k): float(eval_acc[m, j].mean()) for j, k in enumerate(config.candidates)},
         }
     figures = {
-        "model": args.model, "weights": weights_key(args.model), "candidates": list(config.candidates),
+        "model": args.model, "weights": weights_key(args.model, args.runs), "candidates": list(config.candidates),
         "sampler": args.sampler, "guidance": args.guidance, "n_eval": len(held_out), "n_train": n_train,
         "protocol": args.protocol,
         "config": config.to_dict(), "fixed_accuracy": fixed, "adaptive_accuracy": ada_acc,
