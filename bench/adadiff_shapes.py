@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from finetuners import adadiff  # noqa: E402
-from finetuners.models import load_model, resolve_model_path  # noqa: E402
-from finetuners.runs import is_checkpoint_ref, load_checkpoint_pipeline, read_json, resolve_checkpoint  # noqa: E402
+from finetuners.models import resolve_model_path  # noqa: E402
+from finetuners.runs import is_checkpoint_ref, load_pipeline, read_json, resolve_checkpoint  # noqa: E402
 from finetuners.shapes.world import eval_prompts, parse_prompt  # noqa: E402
 
 TEMPLATES = ("object", "position", "relation")
@@ -169,10 +169,7 @@ def main() -> None:
                                    num_seeds=args.seeds, sampler=args.sampler, guidance=args.guidance,
                                    loss=args.loss, epochs=args.epochs, seed=args.policy_seed)  # fmt: skip
     args.candidates = list(config.candidates)
-    if is_checkpoint_ref(args.model):
-        pipe = load_checkpoint_pipeline(args.runs, args.model, "cpu")
-    else:
-        pipe = load_model(args.model, "cpu")
+    pipe = load_pipeline(args.model, "cpu", runs_root=args.runs)
     held_out = eval_prompts(args.n_eval)
     eval_ladder = cached_ladder(pipe, "eval", held_out, torch.arange(len(held_out))[:, None], args, args.cache)
     iqs = adadiff.make_iqs(args.quality)

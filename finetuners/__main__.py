@@ -5,7 +5,7 @@
         --guidance 0 --device cuda --prompt "..."
 
     python -m finetuners superpose --prompt-a "a red circle" --prompt-b "a blue square" --mode and --out out/
-    python -m finetuners superpose --model shapes --model-b runs/first/checkpoint --prompt "..." --mode or
+    python -m finetuners superpose --model shapes --model-b runs/first --prompt "..." --mode or
 
     python -m finetuners train --method sdpo --reward shapes-probe --model shapes --run runs/first --epochs 10
     python -m finetuners train --run runs/first --resume
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import replace
 
 from .errors import UserError
 from .names import typed_path
@@ -34,7 +35,13 @@ MAX_PROMPT_FILE_BYTES = 50_000_000  # adapt-train --prompt-file
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="shapes", help="pipeline folder, hub id in the local cache, or 'shapes'")
+    p.add_argument(
+        "--model",
+        default="shapes",
+        help="pipeline folder, hub id in the local cache, or 'shapes'; or a "
+        "fine-tuned checkpoint: runs/NAME (its latest), runs/NAME/checkpoints/step-N or run:NAME/step-N",
+    )
+    p.add_argument("--runs", default="runs", help="the runs folder that run:NAME/step-N refers to (default: runs)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: fp16 on CUDA, fp32 on CPU)")
     p.add_argument("--allow-download", action="store_true", help="let a hub id be downloaded if not cached")
@@ -43,12 +50,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def cmd_sample(args: argparse.Namespace) -> int:
     from .generate import SampleRequest, generate
     from .imageio import save_png
-    from .models import load_model, model_defaults
+    from .models import model_defaults
+    from .runs import load_pipeline
 
     out = typed_path(args.out, "--out folder")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {str(out)!r} exists and is not a folder")
-    pipe = load_model(args.model, args.device, args.dtype, allow_download=args.allow_download)
+    pipe = load_pipeline(args.model, args.device, args.dtype, runs_root=args.runs, allow_download=args.allow_download)
     defaults = model_defaults(pipe)
     request = SampleRequest(
         prompt=args.prompt,
@@ -85,16 +93,18 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_adapt_train(args: argparse.Namespace) -> int:
     """AdaDiff (ALGORITHMS.md §3): render every training prompt's ladder once, then REINFORCE on the cached table."""
     from . import adadiff as ad
-    from .models import load_model
+    from .runs import load_pipeline
     from .shapes.world import eval_prompts
 
     folder = ad.split_policy_arg(args.out)
     if folder.exists() and any(folder.iterdir()):
         raise UserError(f"--out {str(folder)!r} already holds files: choose a new folder")
-    candidates = tuple(args.candidates) if args.candidates else ad.CANDIDATE_SETS[args.candidate_set]
+    # checked now, before the model loads; what is left unset follows the model (ad.suggested_setup) once loaded
+    candidates = tuple(args.candidates) if args.candidates else ad.CANDIDATE_SETS[args.candidate_set or "shapes"]
     config = ad.AdaDiffConfig(candidates=candidates, top_k=args.top_k, quality_weight=args.quality_weight,
                               penalty=args.penalty, flat_rows=args.flat_rows, quality=args.quality,
-                              num_seeds=args.seeds, sampler=args.sampler, guidance=args.guidance, loss=args.loss,
+                              num_seeds=args.seeds, sampler=args.sampler or "ddim", loss=args.loss,
+                              guidance=3.0 if args.guidance is None else args.guidance,
                               lr=args.lr, epochs=args.epochs, seed=args.seed)  # fmt: skip
     if args.prompt_file:
         path = typed_path(args.prompt_file, "--prompt-file")
@@ -117,7 +127,14 @@ def cmd_adapt_train(args: argparse.Namespace) -> int:
     if not prompts:
         raise UserError("no training prompts: --prompt-file is empty")
     iqs = ad.make_iqs(config.quality, device=args.device)
-    pipe = load_model(args.model, args.device, args.dtype, allow_download=args.allow_download)
+    pipe = load_pipeline(args.model, args.device, args.dtype, runs_root=args.runs, allow_download=args.allow_download)
+    given = args.candidates or (ad.CANDIDATE_SETS[args.candidate_set] if args.candidate_set else None)
+    candidates, sampler, guidance = ad.suggested_setup(pipe, given)
+    config = replace(config, candidates=candidates, sampler=args.sampler or sampler,
+                     guidance=guidance if args.guidance is None else args.guidance)  # fmt: skip
+    print(
+        f"candidates {list(config.candidates)}, sampler {config.sampler}, guidance {config.guidance:g}", file=sys.stderr
+    )
     last = [0.0]
 
     def progress(phase, fraction, info):
@@ -143,7 +160,8 @@ def cmd_superpose(args: argparse.Namespace) -> int:
     from dataclasses import asdict, replace
 
     from .imageio import atomic_write_bytes, save_png
-    from .models import load_model, model_defaults
+    from .models import model_defaults
+    from .runs import load_pipeline
     from .superdiff import SuperDiffConfig, superpose_models, superpose_prompts
 
     out = typed_path(args.out, "--out folder")
@@ -159,7 +177,7 @@ def cmd_superpose(args: argparse.Namespace) -> int:
     # validated before any model loads; the model's own guidance replaces the placeholder below
     config = SuperDiffConfig(mode=args.mode, temperature=args.temperature, bias=(args.bias, 0.0), steps=args.steps,
                              guidance=args.guidance if args.guidance is not None else 1.0)  # fmt: skip
-    pipe = load_model(args.model, args.device, args.dtype, allow_download=args.allow_download)
+    pipe = load_pipeline(args.model, args.device, args.dtype, runs_root=args.runs, allow_download=args.allow_download)
     if args.guidance is None:
         config = replace(config, guidance=model_defaults(pipe).guidance)
     if args.model_b is None:
@@ -167,7 +185,9 @@ def cmd_superpose(args: argparse.Namespace) -> int:
         result = superpose_prompts(pipe, prompt_a, args.prompt_b, config, args.seed, args.batch,
                                    negative_prompt=args.negative_prompt)  # fmt: skip
     else:
-        pipe_b = load_model(args.model_b, args.device, args.dtype, allow_download=args.allow_download)
+        pipe_b = load_pipeline(
+            args.model_b, args.device, args.dtype, runs_root=args.runs, allow_download=args.allow_download
+        )
         prompts, models = [prompt_a, args.prompt_b or prompt_a], [args.model, args.model_b]
         result = superpose_models(pipe, pipe_b, prompt_a, config, args.seed, args.batch, prompt_b=args.prompt_b,
                                   negative_prompt=args.negative_prompt)  # fmt: skip
@@ -324,12 +344,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="policy folder (created; must be new or empty)")
     p.add_argument("--prompts", type=int, default=300, help="Shapes training prompts (held-out ones excluded)")
     p.add_argument("--prompt-file", default=None, help="training prompts, one per line (instead of Shapes ones)")
-    p.add_argument("--candidate-set", choices=("few-step", "shapes", "standard"), default="shapes")
+    p.add_argument(
+        "--candidate-set",
+        choices=("few-step", "shapes", "standard"),
+        default=None,
+        help="default: the model's (shapes on the Shapes model, few-step on SD-Turbo / LCM, else standard)",
+    )
     p.add_argument("--candidates", type=int, nargs="+", default=None, help="step counts (overrides --candidate-set)")
     p.add_argument("--quality", default="shapes-accuracy", help="IQS: a reward name (e.g. shapes-probe, preference:…)")
     p.add_argument("--seeds", type=int, default=2, help="seeds per prompt, shared across step counts")
-    p.add_argument("--sampler", choices=("ddim", "ddim-trailing", "lcm"), default="ddim-trailing")
-    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument(
+        "--sampler",
+        choices=("ddim", "ddim-trailing", "lcm"),
+        default=None,
+        help="default: trailing DDIM for candidates under 5 steps, LCM on an LCM model, else the model's",
+    )
+    p.add_argument("--guidance", type=float, default=None, help="default: the model's (a checkpoint's: its run's)")
     p.add_argument("--top-k", type=int, default=None, help="default: 3, or 2 with fewer than 8 candidates")
     p.add_argument("--quality-weight", type=float, default=1.0, help="λ, weight of quality inside the top-k")
     p.add_argument("--penalty", type=float, default=1.0, help="γ, reward −γ outside the top-k")

@@ -154,6 +154,23 @@ class AdaDiffConfig:
         return cls(**d)
 
 
+def suggested_setup(pipe, candidates: Sequence[int] | None = None) -> tuple[tuple[int, ...], str, float]:
+    """(candidates, sampler, guidance) for a loaded pipeline (§3.2, ours). Candidates, unless given: the Shapes set
+    on a small UNet (Shapes and its checkpoints), the few-step set on a model whose default is at most 8 steps
+    (SD-Turbo, LCM, a few-step checkpoint), else the paper's standard set. The ladder samples deterministically:
+    LCM on an LCM model, trailing DDIM when a candidate is under 5 steps (leading spacing starts a 1-step sample at
+    t = 1), else the model's own DDIM spacing; at the model's default guidance (a fine-tuned checkpoint's is its
+    run's)."""
+    from .models import model_defaults, small_unet
+
+    d = model_defaults(pipe)
+    if candidates is None:
+        candidates = CANDIDATE_SETS["shapes" if small_unet(pipe) else "few-step" if d.steps <= 8 else "standard"]
+    candidates = _check_candidates(candidates)
+    sampler = "lcm" if d.sampler == "lcm" else "ddim-trailing" if candidates[0] < 5 else d.sampler
+    return candidates, sampler, d.guidance
+
+
 # -- reward (§3.2) ------------------------------------------------------------------------------------------------
 
 

@@ -24,6 +24,7 @@ DEFAULT_MODEL = "shapes"  # alias of the embedded pipeline
 ALIASES = {"shapes": ASSETS / "shapes-sd"}
 PROBE_PATH = ASSETS / "shapes-probe"
 DEFAULTS_FILE = "finetuners.json"  # sampler defaults stored beside a pipeline's model_index.json
+SMALL_UNET_PARAMS = 20_000_000  # below: a toy-sized UNet (Shapes), whose speed per-call overhead bounds
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}  # fmt: skip
 
@@ -146,10 +147,14 @@ def configure_attention(pipe, device: torch.device, attention: str = "auto") -> 
     return True
 
 
-def model_defaults(pipe) -> ModelDefaults:
-    """Sampler defaults for a loaded pipeline: those recorded in its folder's ``finetuners.json`` (the
-    Shapes pipeline and checkpoints made from it), else LCM scheduler → LCM, a turbo model → trailing
+def model_defaults(pipe, checkpoint: bool = True) -> ModelDefaults:
+    """Sampler defaults for a loaded pipeline. A run's checkpoint samples as its run evaluated it
+    (``runs.load_checkpoint_pipeline`` sets them: fine-tuned models train without guidance); ``checkpoint=False``
+    skips that and gives its base model's, which say what family the model is of. Else those recorded in the
+    folder's ``finetuners.json`` (the Shapes pipeline), else LCM scheduler → LCM, a turbo model → trailing
     timesteps with guidance 0, any other SD model → 25 DDIM steps at guidance 7.5."""
+    if checkpoint and isinstance(found := getattr(pipe, "finetuners_defaults", None), ModelDefaults):
+        return found
     marker = Path(getattr(pipe, "finetuners_folder", "") or ".") / DEFAULTS_FILE
     if marker.is_file():
         try:
@@ -163,6 +168,11 @@ def model_defaults(pipe) -> ModelDefaults:
     if "turbo" in source.lower():
         return ModelDefaults("ddim-trailing", 1, 0.0)
     return ModelDefaults("ddim", 25, 7.5)
+
+
+def small_unet(pipe) -> bool:
+    """Whether the pipeline's UNet has under ``SMALL_UNET_PARAMS`` weights (the Shapes model and its checkpoints)."""
+    return sum(p.numel() for p in pipe.unet.parameters()) < SMALL_UNET_PARAMS
 
 
 def _first_line(e: BaseException) -> str:

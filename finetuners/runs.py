@@ -250,4 +250,50 @@ def load_checkpoint_pipeline(runs_root: str | Path, ref: str, device, dtype=None
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise UserError(f"checkpoint {ref!r} cannot be loaded: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
                         ) from e  # fmt: skip
+    if (defaults := checkpoint_defaults(algo)) is not None:
+        pipe.finetuners_defaults = defaults
     return pipe
+
+
+def checkpoint_in(path: str | Path) -> tuple[Path, str] | None:
+    """A folder that is a run's checkpoint (``runs/NAME/checkpoints/step-N``) or a run (``runs/NAME``: its latest
+    complete checkpoint) → (runs folder, ``run:NAME/step-N``); None for any other path. ``UserError`` for a run
+    without a complete checkpoint."""
+    folder = Path(path)
+    if (folder / CHECKPOINT_STATE).is_file() and _CKPT.match(folder.name) and folder.parent.name == "checkpoints":
+        run_dir = folder.parent.parent
+        return run_dir.parent, checkpoint_ref(run_dir.name, int(_CKPT.match(folder.name).group(1)))
+    if (folder / "config.json").is_file() and (folder / "checkpoints").is_dir():
+        found = list_checkpoints(folder)
+        if not found:
+            raise UserError(f"run {str(folder)!r} has no complete checkpoint yet")
+        return folder.parent, checkpoint_ref(folder.name, found[-1][0])
+    return None
+
+
+def load_pipeline(model: str, device, dtype=None, *, runs_root: str | Path = "runs", allow_download: bool = False):
+    """What the command line's ``--model`` names: a run's checkpoint as ``run:NAME/step-N`` (under ``runs_root``),
+    a checkpoint folder, or a run folder (its latest checkpoint), each applied to its run's base model
+    (``load_checkpoint_pipeline``); else a pipeline folder, hub id or 'shapes' (``models.load_model``)."""
+    from .models import load_model
+
+    if is_checkpoint_ref(model):
+        return load_checkpoint_pipeline(runs_root, model, device, dtype)
+    if Path(model).is_dir() and (found := checkpoint_in(model)) is not None:
+        return load_checkpoint_pipeline(found[0], found[1], device, dtype)
+    return load_model(model, device, dtype, allow_download=allow_download)
+
+
+def checkpoint_defaults(algo: dict):
+    """The sampler settings a run's checkpoint is meant for (``models.ModelDefaults``): its run's evaluation sampler
+    and guidance (fine-tuning trains the conditional prediction, without guidance), at the step count it trained
+    (``num_steps``; a run without one, SADM, its first evaluation count). None when the record lacks them (runs of
+    earlier versions): the base model's defaults then apply."""
+    from .models import ModelDefaults
+
+    try:
+        steps = algo["num_steps"] if "num_steps" in algo else list(algo["eval_steps"])[0]
+        found = ModelDefaults(str(algo["eval_sampler"]), int(steps), float(algo["eval_guidance"]))
+    except (KeyError, TypeError, ValueError, IndexError):
+        return None
+    return found if found.steps >= 1 and found.guidance >= 0 else None

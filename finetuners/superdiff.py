@@ -498,7 +498,8 @@ def _check_pipe(pipe, config: SuperDiffConfig) -> None:
     if config.steps < MIN_SD_STEPS:
         raise UserError(f"SuperDiff needs at least {MIN_SD_STEPS} steps (got {config.steps}): the density estimator's "
                         "error grows with the step size; use 100 steps (1000 for the paper's setting)")  # fmt: skip
-    if model_defaults(pipe).sampler != "ddim":  # an LCM scheduler, or a turbo model (trailing timesteps)
+    # an LCM scheduler, or a turbo model (trailing timesteps); a checkpoint is of its base model's family
+    if model_defaults(pipe, checkpoint=False).sampler != "ddim":
         raise UserError("few-step models (SD-Turbo, LCM) cannot be superposed: the Itô density estimator needs "
                         "many small stochastic steps")  # fmt: skip
     pred = pipe.scheduler.config.get("prediction_type", "epsilon")

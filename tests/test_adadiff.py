@@ -240,3 +240,26 @@ def test_choose_steps_and_adaptive_generation(random_pipe):
         ad.choose_steps(random_pipe, ad.StepPolicy(7, (1, 2), 8), ["a red circle"])
     with pytest.raises(UserError, match="prompt is empty"):
         ad.choose_steps(random_pipe, policy, [" "])
+
+
+def test_the_suggested_setup_follows_the_model(monkeypatch):
+    """§3.2 (ours): the Shapes set on a small UNet, the few-step set where the model's default is ≤ 8 steps, else
+    the paper's; trailing DDIM under 5 steps (LCM on LCM), else the model's spacing; the model's guidance, which for
+    a fine-tuned checkpoint is its run's."""
+    from types import SimpleNamespace
+
+    import finetuners.models
+    from finetuners.models import ModelDefaults
+
+    def pipe(sampler, steps, guidance):
+        return SimpleNamespace(unet=torch.nn.Linear(2, 2), finetuners_defaults=ModelDefaults(sampler, steps, guidance))
+
+    assert ad.suggested_setup(pipe("ddim", 20, 3.0)) == ((1, 2, 3, 4, 6, 8), "ddim-trailing", 3.0)  # Shapes
+    assert ad.suggested_setup(pipe("ddim-trailing", 2, 1.0)) == ((1, 2, 3, 4, 6, 8), "ddim-trailing", 1.0)  # its run
+    monkeypatch.setattr(finetuners.models, "SMALL_UNET_PARAMS", 0)  # as if the UNet were a real one
+    assert ad.suggested_setup(pipe("ddim-trailing", 1, 0.0)) == ((1, 2, 4, 8), "ddim-trailing", 0.0)  # SD-Turbo
+    assert ad.suggested_setup(pipe("lcm", 4, 1.0)) == ((1, 2, 4, 8), "lcm", 1.0)  # LCM
+    assert ad.suggested_setup(pipe("ddim", 25, 7.5)) == (tuple(range(5, 55, 5)), "ddim", 7.5)  # SD 1.x
+    assert ad.suggested_setup(pipe("ddim", 25, 7.5), (4, 1, 2)) == ((1, 2, 4), "ddim-trailing", 7.5)
+    with pytest.raises(UserError, match="positive"):
+        ad.suggested_setup(pipe("ddim", 25, 7.5), (0, 1))

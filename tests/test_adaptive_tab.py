@@ -10,6 +10,7 @@ from finetuners import adadiff as ad
 from finetuners.__main__ import main as cli
 from ui.adaptive_tab import (
     histogram_figure,
+    on_model,
     on_prompt,
     on_prompt_set,
     on_train,
@@ -18,6 +19,7 @@ from ui.adaptive_tab import (
     quality_figure,
     run_prompt,
     run_prompt_set,
+    setup_for,
     train_steps,
 )
 from ui.backend import Backend, Settings
@@ -97,6 +99,30 @@ def test_bad_training_input_gives_a_message_and_saves_nothing(backend, candidate
     assert "must be a number ≥ 0, got -1.0" in updates[0][2]
 
 
+def test_the_training_form_follows_the_model_and_the_policy_records_it(backend):
+    """The form's candidates, sampler and guidance come from the picked model (``adadiff.suggested_setup``); what the
+    form says is what the ladder uses and the policy records. A bad guidance is refused in words, nothing saved."""
+    from finetuners.models import model_defaults
+
+    model = backend.settings.model
+    guidance = model_defaults(backend.pipeline(model)).guidance
+    assert setup_for(backend, model) == ("1 2 3 4 6 8", "ddim-trailing", guidance)  # a small UNet: the Shapes set
+    assert on_model(backend, model) == ("1 2 3 4 6 8", "ddim-trailing", guidance, "")
+    *_, error = on_model(backend, "run:missing/step-1")
+    assert "not one of this app's models" in error or "no run named" in error, error
+    updates = list(train_steps(backend, model, "leading-g1", 2, 1, "2 3", 2, 1.0, "ddim", 1.0))
+    assert "(`ddim`, guidance 1)" in updates[0][0]
+    _, config, _ = ad.load_policy(backend.settings.data_dir / "policies" / "leading-g1")
+    assert (config.sampler, config.guidance, config.candidates) == ("ddim", 1.0, (2, 3))
+    for bad, message in [(None, "guidance is empty"), ("x", "must be a number between 0 and 30"),
+                         (31, "got 31"), (float("nan"), "got nan")]:  # fmt: skip
+        updates = list(on_train(backend, model, "bad-guidance", 2, 1, "1 2", 2, 1.0, "ddim", bad))
+        assert len(updates) == 1 and message in updates[0][2], updates
+    updates = list(on_train(backend, model, "bad-guidance", 2, 1, "1 2", 2, 1.0, "euler", 1.0))
+    assert "unknown sampler 'euler'" in updates[0][2]
+    assert not (backend.settings.data_dir / "policies" / "bad-guidance").exists()
+
+
 def test_an_existing_name_is_refused(backend, trained):
     updates = list(on_train(backend, backend.settings.model, trained, 4, 1, "1 2", 5, 1.0))
     assert "already exists" in updates[0][2]
@@ -122,6 +148,10 @@ def test_cli_adapt_train_then_sample_adaptive(random_pipeline_dir, tmp_path, cap
             "--candidates", "1", "2", "--seeds", "1", "--epochs", "3"]  # fmt: skip
     assert cli(args) == 0
     assert (out / "policy.safetensors").is_file()
+    # unset, the sampler and guidance follow the model: trailing DDIM for 1–2 steps, the model's own guidance
+    assert "candidates [1, 2], sampler ddim-trailing, guidance 7.5" in capsys.readouterr().err
+    config = ad.load_policy(out)[1]
+    assert (config.sampler, config.guidance) == ("ddim-trailing", 7.5)
     assert cli(args) == 2  # the folder is not empty now
     assert "already holds files" in capsys.readouterr().err
     assert cli(["sample", "--model", str(random_pipeline_dir), "--adaptive", str(out), "--prompt", "a red circle",

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import gradio as gr
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -126,17 +127,18 @@ def test_trajectory_length_picks_the_step_weighting(backend):
 def test_a_small_unet_trains_each_update_as_one_minibatch(backend, monkeypatch):
     """Same pairs per optimiser step either way; a small UNet (the Shapes one) takes them in one minibatch (its
     per-call overhead, not memory, bounds the time), a large one two pairs at a time, accumulated."""
+    import finetuners.models
     import ui.finetune_tab as tab
 
     for b in (16, 6, 3):
         tiny = make_config(backend, **{**TINY, "batch": b}).algo
         with monkeypatch.context() as m:
-            m.setattr(tab, "SMALL_UNET_PARAMS", 0)  # as if the UNet were large
+            m.setattr(finetuners.models, "SMALL_UNET_PARAMS", 0)  # as if the UNet were large
             other = make_config(backend, **{**TINY, "batch": b}).algo
         assert tiny.grad_accum == 1 and tiny.train_batch_size == other.train_batch_size * other.grad_accum
         assert other.train_batch_size <= 2 and tiny.updates_per_epoch == other.updates_per_epoch
     assert tab.default_eval_prompts(backend) == 32  # and evaluates more prompts by default
-    monkeypatch.setattr(tab, "SMALL_UNET_PARAMS", 0)
+    monkeypatch.setattr(finetuners.models, "SMALL_UNET_PARAMS", 0)
     assert tab.default_eval_prompts(backend) == 8
 
 
@@ -296,6 +298,62 @@ def test_the_sample_tab_puts_base_and_checkpoint_side_by_side(backend, finished_
     for bad, message in [(base, "already the model"), ("run:finished-lora/step-999", "no complete checkpoint")]:
         gallery, strip, info, error, state = on_generate(backend, base, *args, compare=bad)
         assert message in error and all(u == gr.skip() for u in (gallery, strip, info, state)), error
+
+
+def test_a_checkpoint_samples_as_its_run_evaluated_it(backend, finished_run, tiny_pipeline_dir):
+    """Fine-tuning trains the conditional prediction (no guidance): a checkpoint's defaults in every tab are its run's
+    evaluation sampler and guidance, at the step count it trained, not the base model's."""
+    from finetuners.runs import read_json
+    from ui.sample_tab import defaults_for
+
+    algo = read_json(finished_run.path / "config.json")["config"]["algo"]
+    ref = f"run:finished-lora/step-{list_checkpoints(finished_run.path)[-1][0]}"
+    d, base = backend.defaults(ref), backend.defaults(str(tiny_pipeline_dir))
+    assert (d.sampler, d.steps, d.guidance) == (algo["eval_sampler"], algo["num_steps"], algo["eval_guidance"])
+    assert (d.sampler, d.steps) == ("ddim-trailing", 2) and d.guidance <= 1 < base.guidance
+    assert defaults_for(backend, ref) == (2, "ddim-trailing", d.guidance)  # the Sample tab's form follows it
+    assert backend.defaults(str(tiny_pipeline_dir)) == base  # the base model's own are untouched
+    # still a model of its base's family: superposed with the base model (SuperDiff refuses few-step families)
+    from finetuners.superdiff import MIN_SD_STEPS, SuperDiffConfig, superpose_models
+
+    config = SuperDiffConfig(mode="or", steps=MIN_SD_STEPS, guidance=1.0)
+    pipes = backend.pipeline(str(tiny_pipeline_dir)), backend.pipeline(ref)
+    result = superpose_models(*pipes, "a red circle", config, seed=0)
+    assert result.images.shape[0] == 1 and torch.isfinite(result.images).all()
+
+
+def test_the_cli_samples_a_checkpoint_as_the_app_does(backend, finished_run, tiny_pipeline_dir, tmp_path, capsys):
+    """``--model`` takes a run folder (its latest checkpoint), a checkpoint folder, or run:NAME/step-N with --runs;
+    each gives the app's image for the same request, at the checkpoint's defaults. A run without a checkpoint, or a
+    reference to a missing one, is refused in one line."""
+    from finetuners.__main__ import main
+    from finetuners.generate import SampleRequest
+
+    step = list_checkpoints(finished_run.path)[-1][0]
+    ref = f"run:finished-lora/step-{step}"
+    d = backend.defaults(ref)
+    want = backend.generate(ref, SampleRequest(prompt="a red circle", steps=d.steps, sampler=d.sampler,
+                                               guidance=d.guidance, seed=5)).images[0]  # fmt: skip
+    as_png = np.asarray((want.permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8))
+    ckpt = finished_run.path / "checkpoints" / f"step-{step}"
+    for i, model in enumerate([str(finished_run.path), str(ckpt), ref]):
+        out = tmp_path / f"out{i}"
+        extra = ["--runs", str(backend.runs_root)] if model == ref else []
+        assert main(["sample", "--model", model, "--prompt", "a red circle", "--seed", "5", "--out", str(out),
+                     *extra]) == 0, capsys.readouterr().err  # fmt: skip
+        got = np.asarray(Image.open(out / "seed5.png").convert("RGB"))
+        assert np.abs(got.astype(int) - as_png.astype(int)).max() <= 1, model
+    empty = tmp_path / "runs" / "no-checkpoint"
+    (empty / "checkpoints").mkdir(parents=True)
+    (empty / "config.json").write_text("{}")
+    for model, message in [(str(empty), "has no complete checkpoint yet"),
+                           ("run:finished-lora/step-999", "no complete checkpoint step-999")]:  # fmt: skip
+        capsys.readouterr()
+        assert main(["sample", "--model", model, "--runs", str(backend.runs_root), "--out", str(tmp_path / "x"),
+                     "--prompt", "a red circle"]) == 2  # fmt: skip
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "x").exists()
 
 
 def test_a_full_unet_checkpoint_loads_in_the_sample_tab(backend, tiny_pipeline_dir):

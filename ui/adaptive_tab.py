@@ -23,7 +23,7 @@ import gradio as gr
 
 from finetuners import adadiff as ad
 from finetuners.errors import UserError
-from finetuners.generate import MAX_PROMPT_CHARS
+from finetuners.generate import LIMITS, MAX_PROMPT_CHARS, SAMPLERS
 
 from .backend import Backend
 from .common import attempt, count, error_markdown, random_seed
@@ -80,6 +80,26 @@ def _weight(value) -> float:
         return float(value)
     except (TypeError, ValueError):
         raise UserError(f"the quality weight λ must be a number ≥ 0, got {value!r}") from None
+
+
+def _guidance(value) -> float:
+    lo, hi = LIMITS["guidance"]
+    if value is None or value == "" or isinstance(value, bool):
+        raise UserError(f"the guidance is empty: enter a number between {lo:g} and {hi:g}")
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"the guidance must be a number between {lo:g} and {hi:g}, got {value!r}") from None
+    if not lo <= v <= hi:  # NaN fails too
+        raise UserError(f"the guidance must be a number between {lo:g} and {hi:g}, got {value}")
+    return v
+
+
+def setup_for(backend: Backend, model) -> tuple[str, str, float]:
+    """The training form's (candidates text, sampler, guidance) for a model: ``adadiff.suggested_setup`` (the Shapes
+    set at trailing DDIM on Shapes; a fine-tuned checkpoint at its run's guidance; the paper's set on SD 1.x)."""
+    candidates, sampler, guidance = ad.suggested_setup(backend.pipeline(backend.check_model(model)))
+    return " ".join(map(str, candidates)), sampler, guidance
 
 
 def parse_candidates(text) -> tuple[int, ...]:
@@ -301,7 +321,8 @@ def quality_figure(view: SetView):
 
 
 def train_steps(backend: Backend, model, name, n_prompts, seeds, candidates_text, epochs, quality_weight,
-                quality="shapes-accuracy") -> Iterator[tuple[str, list[dict] | None]]:  # fmt: skip
+                sampler="ddim-trailing", guidance=3.0, quality="shapes-accuracy",
+                ) -> Iterator[tuple[str, list[dict] | None]]:  # fmt: skip
     """Render the ladders, train, save: yields (status Markdown, training history or None) as it goes."""
     from finetuners.shapes.world import eval_prompts
 
@@ -313,12 +334,14 @@ def train_steps(backend: Backend, model, name, n_prompts, seeds, candidates_text
     config = ad.AdaDiffConfig(candidates=parse_candidates(candidates_text), quality=quality,
                               num_seeds=_whole("seeds per prompt", seeds, 1, 8),
                               epochs=_whole("epochs", epochs, 1, 5000),
-                              quality_weight=_weight(quality_weight))  # fmt: skip
+                              quality_weight=_weight(quality_weight), sampler=sampler,
+                              guidance=_guidance(guidance))  # fmt: skip
     iqs = ad.make_iqs(config.quality)
     prompts = ad.training_prompts(n_prompts, exclude=eval_prompts(1000))
     seeds = ad.ladder_seeds(len(prompts), config.num_seeds)
     size = f"{count(len(prompts), 'prompt')} × {count(config.num_seeds, 'seed')}"
-    yield f"rendering {size} at {list(config.candidates)} steps…", None
+    yield (f"rendering {size} at {list(config.candidates)} steps (`{config.sampler}`, guidance "
+           f"{config.guidance:g})…"), None  # fmt: skip
     ladder_gen = _ladder(backend, model, prompts, seeds, config)
     while True:
         try:
@@ -382,9 +405,18 @@ def on_prompt_set(backend: Backend, model, policy_name, prompts_text, n, progres
     return gr.skip(), gr.skip(), gr.skip(), error_markdown(message, "Cannot evaluate")
 
 
-def on_train(backend: Backend, model, name, n_prompts, seeds, candidates, epochs, quality_weight):
+def on_model(backend: Backend, model) -> tuple:
+    """Updates for the training form's (candidates, sampler, guidance, error) when another model is picked."""
+    found, message = attempt("loading the model", setup_for, backend, model)
+    if message is None:
+        return *found, ""
+    return gr.skip(), gr.skip(), gr.skip(), error_markdown(message)
+
+
+def on_train(backend: Backend, model, name, n_prompts, seeds, candidates, epochs, quality_weight,
+             sampler="ddim-trailing", guidance=3.0):  # fmt: skip
     """A generator of updates for (status, training plot, error, policy picker)."""
-    gen = train_steps(backend, model, name, n_prompts, seeds, candidates, epochs, quality_weight)
+    gen = train_steps(backend, model, name, n_prompts, seeds, candidates, epochs, quality_weight, sampler, guidance)
     while True:
         step, message = attempt("training the policy", next, gen, None)
         if message is None and step is None:
@@ -409,6 +441,7 @@ def build_adaptive_tab(backend: Backend) -> gr.Tab:
     """Add the Adaptive steps tab to the enclosing ``gr.Blocks``."""
     settings = backend.settings
     choices = policy_choices(backend)
+    candidates0, sampler0, guidance0 = setup_for(backend, settings.model)
     with gr.Tab("Adaptive steps", id="adaptive", elem_id="adaptive-tab") as tab:
         with gr.Row(equal_height=False):
             model = gr.Dropdown(choices=backend.model_choices(), value=settings.model, label="Model / checkpoint",
@@ -449,8 +482,13 @@ def build_adaptive_tab(backend: Backend) -> gr.Tab:
             with gr.Row(equal_height=False):
                 with gr.Column(scale=2, min_width=300):
                     name = gr.Textbox(label="Name", value="shapes", elem_id="adaptive-name")
-                    candidates = gr.Textbox(label="Candidate step counts", value="1 2 3 4 6 8",
+                    candidates = gr.Textbox(label="Candidate step counts", value=candidates0,
                                             elem_id="adaptive-candidates")  # fmt: skip
+                    with gr.Row():
+                        sampler = gr.Dropdown(list(SAMPLERS), value=sampler0, label="Ladder sampler (deterministic)",
+                                              elem_id="adaptive-sampler")  # fmt: skip
+                        guidance = gr.Number(value=guidance0, label="Guidance", elem_id="adaptive-guidance",
+                                             info="the model's; a fine-tuned checkpoint's is its run's")  # fmt: skip
                     with gr.Row():
                         n_prompts = gr.Number(value=64, precision=0, label="Training prompts",
                                               elem_id="adaptive-train-prompts")  # fmt: skip
@@ -473,24 +511,28 @@ def build_adaptive_tab(backend: Backend) -> gr.Tab:
         def set_fn(model, policy, text, n, progress=gr.Progress()):
             return on_prompt_set(backend, model, policy, text, n, progress)
 
-        def train_fn(model, name, n_prompts, n_seeds, candidates, epochs, weight):
-            yield from on_train(backend, model, name, n_prompts, n_seeds, candidates, epochs, weight)
+        def train_fn(model, name, n_prompts, n_seeds, candidates, epochs, weight, sampler, guidance):
+            yield from on_train(backend, model, name, n_prompts, n_seeds, candidates, epochs, weight, sampler, guidance)
 
         prompt_outputs = [probs_plot, info, ladder, error]
         choose.click(prompt_fn, [model, policy, prompt, seed], prompt_outputs, api_name="adaptive_steps", **events)
         prompt.submit(prompt_fn, [model, policy, prompt, seed], prompt_outputs, api_visibility="private", **events)
         evaluate.click(set_fn, [model, policy, set_text, set_n], [hist_plot, quality_plot, set_info, error],
                        api_name="adaptive_set", **events)  # fmt: skip
-        training = train.click(train_fn, [model, name, n_prompts, n_seeds, candidates, epochs, weight],
-                               [status, train_plot, error, policy], api_name="adaptive_train", **events)  # fmt: skip
+        training = train.click(train_fn, [model, name, n_prompts, n_seeds, candidates, epochs, weight, sampler,
+                                          guidance], [status, train_plot, error, policy], api_name="adaptive_train",
+                               **events)  # fmt: skip
+        model.change(lambda m: on_model(backend, m), [model], [candidates, sampler, guidance, error],
+                     trigger_mode="always_last", **events)  # fmt: skip
         stop.click(lambda: "stopped", None, [status], cancels=[training], queue=False)
         dice.click(random_seed, None, [seed], queue=False)
 
-        def refresh(current):
+        def refresh(current):  # new policies, and the checkpoints fine-tuning added since the page loaded
             found = policy_choices(backend)
-            return gr.update(choices=found, value=current if current in found else (found[-1] if found else None))
+            return (gr.update(choices=found, value=current if current in found else (found[-1] if found else None)),
+                    gr.update(choices=backend.model_choices()))  # fmt: skip
 
-        tab.select(refresh, [policy], [policy], queue=False)
+        tab.select(refresh, [policy], [policy, model], queue=False)
     return tab
 
 

@@ -41,9 +41,6 @@ ZO_MODES = {"likelihood ratio": "lr", "SPSA": "spsa", "off (biased)": "off"}
 ADAPTERS = {"LoRA": "lora", "Full UNet": "full"}
 EVAL_STEP_CHOICES = (1, 2, 4, 8, 16)
 # Below this many UNet weights (the Shapes UNet has 1.5 M, SD's 860 M) an SDPO update's pairs go through the UNet as
-# one minibatch rather than two at a time with accumulation: per-call overhead, not memory, bounds a small UNet, and
-# the update is the same (tests/test_trainer.py); on CPU the epoch takes 2/3 of the time.
-SMALL_UNET_PARAMS = 20_000_000
 # name in messages → (low, high, whole number, low end open); the widgets' ranges
 LIMITS = {
     "learning rate": (0.0, 1.0, False, True),
@@ -137,10 +134,11 @@ def check_reward(reward, weights) -> str:
 
 
 def small_unet(backend: Backend) -> bool:
-    """Whether the app's model has a UNet under ``SMALL_UNET_PARAMS`` weights (the Shapes model): per-call overhead,
-    not arithmetic, bounds its speed, so it trains an update's pairs as one minibatch and evaluates more prompts."""
-    unet = backend.pipeline(backend.settings.model).unet
-    return sum(p.numel() for p in unet.parameters()) < SMALL_UNET_PARAMS
+    """Whether the app's model has a small UNet (``models.small_unet``, the Shapes model): per-call overhead, not
+    arithmetic, bounds its speed, so it trains an update's pairs as one minibatch and evaluates more prompts."""
+    from finetuners.models import small_unet as is_small
+
+    return is_small(backend.pipeline(backend.settings.model))
 
 
 def default_eval_prompts(backend: Backend) -> int:

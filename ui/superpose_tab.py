@@ -673,6 +673,8 @@ def build_superpose_tab(backend: Backend) -> gr.Tab:
         )
         axis.change(on_axis_change, [traces_state, axis], [kappa_plot, log_q_plot], queue=False)
         dice.click(random_seed, None, [seed], queue=False)
+        # fine-tuning may have added checkpoints since the page loaded
+        tab.select(lambda: [gr.update(choices=backend.model_choices())] * 2, None, [model_a, model_b], queue=False)
     return tab
 
 
