@@ -170,8 +170,7 @@ def test_two_models_on_one_prompt(tiny_pipeline_dir):
     pipes = {name: load_model(str(tiny_pipeline_dir), "cpu") for name in ("base", "tuned")}
     backend = _backend_over(pipes)
     view = run_superpose(backend, **{**GOOD, **TWO_MODELS, "prompt_b": "ignored", "batch": 2})
-    assert [c for _, c in view.baseline] == ["model A · seed 0", "model A · seed 1", "model B · seed 0",
-                                             "model B · seed 1"]  # fmt: skip
+    assert [c for _, c in view.baseline] == ["A · seed 0", "A · seed 1", "B · seed 0", "B · seed 1"]
     assert view.baseline_label == "Each model alone" and "**AND** “base” ∧ “tuned”" in view.info
     assert "4 UNet rows per step per image" in view.info  # each model makes 2 rows (CFG)
     assert view.traces.names == ["A: base", "B: tuned"]

@@ -301,7 +301,7 @@ def build_view(request: SuperposeRequest, results: dict, display_px: int) -> Sup
         baseline = show(joint.images)
         baseline_label = "Joint prompt"
     else:
-        baseline = [item for res, ab in zip(results["baseline"], "AB") for item in show(res.images, f"model {ab} · ")]
+        baseline = [item for res, ab in zip(results["baseline"], "AB") for item in show(res.images, f"{ab} · ")]
         baseline_label = "Each model alone"
     if request.mode == "joint":
         images, traced = baseline, results["avg"]
