@@ -412,7 +412,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int, default=None, help="sampling batches per epoch")
     p.add_argument("--train-batch", type=int, default=None, help="pairs (SDPO) or samples (DDPO) per minibatch")
     p.add_argument("--grad-accum", type=int, default=None)
-    p.add_argument("--train-steps", type=int, default=None, help="K_train, sampling steps of training trajectories")
+    p.add_argument(
+        "--train-steps",
+        type=int,
+        default=None,
+        help="K_train, sampling steps of training trajectories (SDPO: at least 2)",
+    )
     p.add_argument("--eval-steps", type=int, nargs="+", default=None)
     p.add_argument(
         "--eval-sampler",

@@ -97,6 +97,11 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
                 raise UserError(f"{name} must be a whole number from {lo} to {hi}, got {v!r}")
+        if self.method == "sdpo" and self.algo.num_steps < 2:
+            raise UserError("SDPO needs at least 2 training steps: a pair's two trajectories start from the same x_T, "
+                            "so at one step their only x̂0 is the same image, every reward difference is 0 and "
+                            "nothing trains. For a 1-step model train 2 steps (step 0 is the 1-step model's only "
+                            "step), or train 1 step with DDPO or full backprop (bptt)")  # fmt: skip
         from .rewards import reward_spec
 
         spec = reward_spec(self.algo.reward)

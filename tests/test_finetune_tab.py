@@ -86,6 +86,7 @@ BAD_START = [
     (dict(batch=2.5), "batch must be a whole number"),
     (dict(epochs=0), "epochs must be from 1"),
     (dict(train_steps=0), "train steps K must be from 1"),
+    (dict(train_steps=1), "SDPO needs at least 2 training steps"),
     (dict(lora_rank=0), "LoRA rank must be from 1"),
     (dict(eval_steps=[]), "no evaluation step counts chosen"),
     (dict(method="PPO"), "unknown method 'PPO'"),

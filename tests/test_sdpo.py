@@ -358,6 +358,17 @@ def test_pairs_share_x_T_and_differ_afterwards(sampled):
 
 
 @torch.no_grad()
+def test_one_step_pairs_have_one_image_between_them(sampled):
+    """Why SDPO refuses K_train = 1 (TrainConfig): the pair's only x̂0 is read off the shared x_T."""
+    s = sampled
+    ts = train_timesteps(s["pipe"], 1, "pipeline")
+    _, gens_a, gens_b = pair_generators([7, 8])
+    pair = sample_pairs(s["denoiser"], s["x_T"], s["cond"], ts, s["alphas"], generators_a=gens_a,
+                        generators_b=gens_b, final_alpha_cumprod=s["final"])  # fmt: skip
+    assert pair.a.pred_x0.shape[1] == 1 and torch.equal(pair.a.pred_x0, pair.b.pred_x0)
+
+
+@torch.no_grad()
 def test_pairs_replay_from_their_generators(sampled):
     s = sampled
     _, gens_a, gens_b = pair_generators([7, 8])

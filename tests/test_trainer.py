@@ -219,6 +219,11 @@ def test_bad_input_is_a_user_error_and_changes_nothing(random_pipeline_dir, tmp_
         _config(random_pipeline_dir, learning_rate=5.0)
     with pytest.raises(UserError, match="method"):
         TrainConfig(method="ppo", algo=SDPOConfig.preset("shapes"))
+    # One SDPO step trains nothing (its pair's only x̂0 is the same image, test_sdpo.py); DDPO's samples are
+    # independent, so one step is a valid DDPO run.
+    with pytest.raises(UserError, match="SDPO needs at least 2 training steps"):
+        _config(random_pipeline_dir, num_steps=1)
+    assert TrainConfig(method="ddpo", algo=SDPOConfig.preset("shapes", num_steps=1)).algo.num_steps == 1
 
     run = tmp_path / "run"
     train(run, _config(random_pipeline_dir, num_epochs=1))
@@ -268,7 +273,8 @@ def _cli(*args, **kw):
 
 def test_cli_bad_input_one_line_exit_2(tmp_path):
     for extra, msg in [(["--reward", "nope"], "unknown reward"), (["--lr", "3"], "learning_rate"),
-                       (["--epochs", "0"], "num_epochs"), (["--batch", "0"], "sample_batch_size")]:  # fmt: skip
+                       (["--epochs", "0"], "num_epochs"), (["--batch", "0"], "sample_batch_size"),
+                       (["--train-steps", "1"], "SDPO needs at least 2 training steps")]:  # fmt: skip
         r = _cli("train", "--run", str(tmp_path / "runs" / "x"), *extra)
         assert r.returncode == 2, r.stderr
         assert msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -454,7 +454,9 @@ def build_finetune_tab(backend: Backend) -> gr.Tab:
                                       elem_id="finetune-batch")  # fmt: skip
                 with gr.Row():
                     epochs = gr.Number(value=30, precision=0, label="Epochs", elem_id="finetune-epochs")
-                    train_steps = gr.Number(value=8, precision=0, label="Train steps K", elem_id="finetune-k")
+                    train_steps = gr.Number(
+                        value=8, precision=0, label="Train steps K", info="SDPO: at least 2", elem_id="finetune-k"
+                    )
                 eval_steps = gr.CheckboxGroup(list(EVAL_STEP_CHOICES), value=[1, 2, 4, 8],
                                               label="Evaluate at step counts",
                                               elem_id="finetune-eval-steps")  # fmt: skip
