@@ -110,6 +110,8 @@ class TrainConfig:
                             "differentiable: choose shapes-probe or a preference:… reward, or SDPO / DDPO")  # fmt: skip
         if not isinstance(self.rlr, RLRConfig):
             raise UserError("rlr must be RLR settings")
+        if self.method == "rlr" and self.rlr.c_fo == self.rlr.c_ho == self.rlr.c_zo == 0:
+            raise UserError("RLR's coefficients c_fo, c_ho and c_zo are all 0: the gradient is 0 and nothing trains")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -224,6 +224,10 @@ def test_bad_input_is_a_user_error_and_changes_nothing(random_pipeline_dir, tmp_
     with pytest.raises(UserError, match="SDPO needs at least 2 training steps"):
         _config(random_pipeline_dir, num_steps=1)
     assert TrainConfig(method="ddpo", algo=SDPOConfig.preset("shapes", num_steps=1)).algo.num_steps == 1
+    from finetuners.rlr import RLRConfig
+
+    with pytest.raises(UserError, match="all 0"):
+        TrainConfig(method="rlr", algo=SDPOConfig.preset("shapes"), rlr=RLRConfig(c_fo=0, c_ho=0, c_zo=0))
 
     run = tmp_path / "run"
     train(run, _config(random_pipeline_dir, num_epochs=1))
