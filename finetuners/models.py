@@ -3,6 +3,12 @@
 Everything goes through ``load_model(id_or_path, device, dtype)``, which calls diffusers' own
 ``StableDiffusionPipeline.from_pretrained`` with safetensors only. Hub ids are resolved from the local
 Hugging Face cache; nothing is downloaded unless ``allow_download=True`` is passed explicitly.
+
+A model may carry a LoRA of its own: ``BASE+LORA`` (SD 1.5 with LCM-LoRA:
+``stable-diffusion-v1-5/stable-diffusion-v1-5+latent-consistency/lcm-lora-sdv1-5``) loads BASE, then LORA (a hub
+id in the cache, a folder or a .safetensors file) through diffusers' ``load_lora_weights``, fused into the
+weights, so the result is a plain pipeline that fine-tuning adds its own adapter to. A LoRA whose name says "lcm"
+also switches the scheduler to diffusers' ``LCMScheduler``, as LCM-LoRA is meant to be sampled.
 """
 
 from __future__ import annotations
@@ -68,9 +74,59 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[dtype]
 
 
+def split_model_spec(spec: str) -> tuple[str, str | None]:
+    """``BASE+LORA`` → (BASE, LORA); any other model name (or an existing path that holds a '+') → (name, None)."""
+    name = (spec or "").strip()
+    if "+" not in name or Path(name).exists():
+        return name, None
+    base, lora = (part.strip() for part in name.rsplit("+", 1))
+    if not base or not lora:
+        raise UserError(f"model {name!r}: write a model with a LoRA as BASE+LORA, e.g. "
+                        "stable-diffusion-v1-5/stable-diffusion-v1-5+latent-consistency/lcm-lora-sdv1-5")  # fmt: skip
+    return base, lora
+
+
+def resolve_lora_file(lora: str, allow_download: bool = False) -> Path:
+    """A LoRA named by a .safetensors file, a folder holding one, or a hub id found in the local cache → the file."""
+    path = typed_path(lora, "LoRA path")
+    looks_local = path.is_absolute() or lora.startswith((".", "~")) or path.exists() or lora.count("/") != 1
+    if looks_local:
+        if not path.exists():
+            raise UserError(f"LoRA {lora!r} does not exist")
+        folder = path
+    else:
+        folder = Path(_snapshot(lora, allow_download, ["*.json", "*.safetensors"]))
+    if folder.is_file():
+        if folder.suffix != ".safetensors":
+            raise UserError(f"LoRA {lora!r} is not a .safetensors file: only safetensors weights are loaded")
+        return folder
+    files = sorted(folder.glob("*.safetensors"))
+    if len(files) != 1:
+        raise UserError(f"LoRA folder {lora!r} holds {len(files)} .safetensors files; name the one to load")
+    return files[0]
+
+
+def _snapshot(name: str, allow_download: bool, patterns: list[str]) -> str:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(name, local_files_only=not allow_download, allow_patterns=patterns)
+    except (LocalEntryNotFoundError, FileNotFoundError) as e:
+        raise UserError(
+            f"model {name!r} is not in the local Hugging Face cache; download it first "
+            f"(huggingface-cli download {name}) or pass a local folder"
+        ) from e
+    except HFValidationError as e:
+        raise UserError(f"{name!r} is neither a local folder nor a valid hub id") from e
+
+
 def resolve_model_path(id_or_path: str, allow_download: bool = False) -> str:
-    """An alias, a local pipeline folder, or a hub id found in the local cache → a local folder path."""
-    name = (id_or_path or "").strip()
+    """An alias, a local pipeline folder, or a hub id found in the local cache → a local folder path. For
+    ``BASE+LORA``, BASE's folder, once the LoRA is found too."""
+    name, lora = split_model_spec(id_or_path)
+    if lora is not None:
+        resolve_lora_file(lora, allow_download)
     if not name:
         raise UserError("no model given: pass a pipeline folder, a hub id, or 'shapes'")
     if name in ALIASES:
@@ -83,19 +139,7 @@ def resolve_model_path(id_or_path: str, allow_download: bool = False) -> str:
         if not path.is_dir() or not (path / "model_index.json").is_file():
             raise UserError(f"{name!r} is not a diffusers pipeline folder (no model_index.json)")
         return str(path)
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
-    try:
-        return snapshot_download(name, local_files_only=not allow_download,
-                                 allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"])  # fmt: skip
-    except (LocalEntryNotFoundError, FileNotFoundError) as e:
-        raise UserError(
-            f"model {name!r} is not in the local Hugging Face cache; download it first "
-            f"(huggingface-cli download {name}) or pass a local folder"
-        ) from e
-    except HFValidationError as e:
-        raise UserError(f"{name!r} is neither a local folder nor a valid hub id") from e
+    return _snapshot(name, allow_download, ["*.json", "*.txt", "*.safetensors", "*.model"])
 
 
 def load_model(id_or_path: str = DEFAULT_MODEL, device: str | None = "cpu", dtype=None, *,
@@ -108,6 +152,8 @@ def load_model(id_or_path: str = DEFAULT_MODEL, device: str | None = "cpu", dtyp
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     folder = resolve_model_path(id_or_path, allow_download)  # bad input fails before the heavy imports
+    lora = split_model_spec(id_or_path)[1]
+    lora_file = resolve_lora_file(lora, allow_download) if lora is not None else None
     import diffusers
     import transformers
     from diffusers import StableDiffusionPipeline
@@ -121,12 +167,29 @@ def load_model(id_or_path: str = DEFAULT_MODEL, device: str | None = "cpu", dtyp
         )  # fmt: skip
     except (OSError, ValueError) as e:
         raise UserError(f"could not load {id_or_path!r} as a Stable-Diffusion pipeline: {_first_line(e)}") from e
+    if lora_file is not None:
+        fuse_lora_file(pipe, lora_file, lcm="lcm" in lora.lower())
     pipe = pipe.to(dev)
     pipe.set_progress_bar_config(disable=True)
     configure_attention(pipe, dev, attention)
     pipe.finetuners_source = id_or_path
     pipe.finetuners_folder = folder
     return pipe
+
+
+def fuse_lora_file(pipe, file: Path, lcm: bool = False) -> None:
+    """Load a LoRA file with diffusers' ``load_lora_weights`` and fuse it into the pipeline's weights (no adapter
+    layers stay behind); ``lcm`` also switches the scheduler to ``LCMScheduler`` (LCM-LoRA)."""
+    try:
+        pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name="model-lora")
+        pipe.fuse_lora(adapter_names=["model-lora"])
+        pipe.unload_lora_weights()
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise UserError(f"could not apply the LoRA {str(file)!r}: {_first_line(e)}") from e
+    if lcm:
+        from diffusers import LCMScheduler
+
+        pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
 
 
 def configure_attention(pipe, device: torch.device, attention: str = "auto") -> bool:
@@ -150,21 +213,21 @@ def configure_attention(pipe, device: torch.device, attention: str = "auto") -> 
 def model_defaults(pipe, checkpoint: bool = True) -> ModelDefaults:
     """Sampler defaults for a loaded pipeline. A run's checkpoint samples as its run evaluated it
     (``runs.load_checkpoint_pipeline`` sets them: fine-tuned models train without guidance); ``checkpoint=False``
-    skips that and gives its base model's, which say what family the model is of. Else those recorded in the
-    folder's ``finetuners.json`` (the Shapes pipeline), else LCM scheduler → LCM, a turbo model → trailing
-    timesteps with guidance 0, any other SD model → 25 DDIM steps at guidance 7.5."""
+    skips that and gives its base model's, which say what family the model is of. Else an LCM scheduler → LCM
+    (an LCM-LoRA too), else those recorded in the folder's ``finetuners.json`` (the Shapes pipeline), else a turbo
+    model → trailing timesteps with guidance 0, any other SD model → 25 DDIM steps at guidance 7.5."""
     if checkpoint and isinstance(found := getattr(pipe, "finetuners_defaults", None), ModelDefaults):
         return found
+    sched_cls = type(pipe.scheduler).__name__
+    if "LCM" in sched_cls:  # an LCM model, or any model with an LCM-LoRA fused in (its folder's defaults are moot)
+        return ModelDefaults("lcm", 4, 1.0)
     marker = Path(getattr(pipe, "finetuners_folder", "") or ".") / DEFAULTS_FILE
     if marker.is_file():
         try:
             return ModelDefaults(**json.loads(marker.read_text()))
         except (ValueError, TypeError) as e:
             log.warning("ignoring unreadable %s: %s", marker, e)
-    sched_cls = type(pipe.scheduler).__name__
     source = str(getattr(pipe, "finetuners_source", "")) + str(getattr(pipe, "name_or_path", ""))
-    if "LCM" in sched_cls:
-        return ModelDefaults("lcm", 4, 1.0)
     if "turbo" in source.lower():
         return ModelDefaults("ddim-trailing", 1, 0.0)
     return ModelDefaults("ddim", 25, 7.5)

@@ -80,6 +80,21 @@ def model_fingerprint(folder: str | Path) -> str:
     return h.hexdigest()
 
 
+def spec_fingerprint(model: str) -> str:
+    """``model_fingerprint`` of a model name's pipeline folder; for ``BASE+LORA``, of BASE's folder and the LoRA
+    file's name and size together."""
+    import hashlib
+
+    from .models import resolve_lora_file, resolve_model_path, split_model_spec
+
+    found = model_fingerprint(resolve_model_path(model))
+    lora = split_model_spec(model)[1]
+    if lora is None:
+        return found
+    file = resolve_lora_file(lora)
+    return hashlib.sha256(f"{found}\n{file.name}\n{file.stat().st_size}".encode()).hexdigest()
+
+
 def new_run_record(run_dir: Path, model: str, **record) -> dict:
     """config.json's content for a new run of ``model`` (its folder and fingerprint added to ``record``);
     ``UserError`` if ``run_dir`` already holds anything but the run manager's launch files."""
@@ -89,7 +104,7 @@ def new_run_record(run_dir: Path, model: str, **record) -> dict:
         raise UserError(f"run folder {str(run_dir)!r} already exists and is not empty; "
                         "use --resume to continue it or choose another name")  # fmt: skip
     folder = resolve_model_path(model)
-    return {**record, "model_folder": str(folder), "model_fingerprint": model_fingerprint(folder)}
+    return {**record, "model_folder": str(folder), "model_fingerprint": spec_fingerprint(model)}
 
 
 def read_run_record(run_dir: Path) -> dict:
@@ -102,9 +117,7 @@ def read_run_record(run_dir: Path) -> dict:
 def resume_checkpoint(run_dir: Path, model: str, fingerprint: str) -> Path:
     """The newest complete checkpoint of a run whose ``model`` is unchanged since it started (``UserError``
     otherwise)."""
-    from .models import resolve_model_path
-
-    if model_fingerprint(resolve_model_path(model)) != fingerprint:
+    if spec_fingerprint(model) != fingerprint:
         raise UserError(f"cannot resume {str(run_dir)!r}: the model {model!r} has changed since the run started")
     ckpts = list_checkpoints(run_dir)
     if not ckpts:
@@ -224,7 +237,7 @@ def load_checkpoint_pipeline(runs_root: str | Path, ref: str, device, dtype=None
     """The run's base pipeline with the checkpoint applied: its LoRA through diffusers' ``load_lora_weights``, or
     its whole UNet. ``loader(model_id, device, dtype)`` loads the base (default ``models.load_model``).
     ``UserError`` if the checkpoint is incomplete or the base model changed since the run was trained."""
-    from .models import load_model, resolve_model_path
+    from .models import load_model
 
     run_dir, ckpt = resolve_checkpoint(runs_root, ref)
     record = read_json(run_dir / "config.json")
@@ -233,7 +246,7 @@ def load_checkpoint_pipeline(runs_root: str | Path, ref: str, device, dtype=None
         base, adapter, fingerprint = algo["model"], algo["adapter"], record["model_fingerprint"]
     except (KeyError, TypeError) as e:
         raise UserError(f"run {run_dir.name!r}: config.json is corrupt ({type(e).__name__}: {e})") from e
-    if model_fingerprint(resolve_model_path(base)) != fingerprint:
+    if spec_fingerprint(base) != fingerprint:
         raise UserError(f"run {run_dir.name!r} was trained on {base!r}, which has changed since: its checkpoints "
                         "no longer fit it")  # fmt: skip
     pipe = (loader or load_model)(base, device, dtype)
