@@ -214,6 +214,7 @@ def cmd_superpose(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .models import is_lcm_model
     from .rlr import RLRConfig
     from .runs import read_json, split_run_arg
     from .sdpo import SDPOConfig, shapes_preset
@@ -225,7 +226,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "sample_batch_size": args.batch, "num_batches_per_epoch": args.batches, "num_steps": args.train_steps,
         "seed": args.seed, "adapter": args.adapter, "lora_rank": args.lora_rank, "precision": args.precision,
         "train_batch_size": args.train_batch, "grad_accum": args.grad_accum, "eval_sampler": args.eval_sampler,
-        "timestep_spacing": args.train_spacing,
+        "timestep_spacing": args.train_spacing, "train_sampler": args.train_sampler,
     }.items() if v is not None}  # fmt: skip
     extra = {k: v for k, v in {
         "method": args.method, "reward_weights": args.reward_weights, "device": args.device,
@@ -260,6 +261,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                                      "rlr")}, **extra, "algo": algo})  # fmt: skip
     else:
         overrides.setdefault("model", "shapes")
+        if args.method in (None, "sdpo", "ddpo") and is_lcm_model(overrides["model"]):  # trains as it samples
+            overrides.setdefault("train_sampler", "lcm")
+            overrides.setdefault("eval_sampler", "lcm")
         algo = SDPOConfig.preset(args.preset or shapes_preset(args.train_steps), **overrides)
         config = TrainConfig(algo=algo, **extra)
     status = train(run_dir, config, resume=args.resume)
@@ -426,6 +430,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="deterministic evaluation sampler (trailing is needed for a meaningful 1-step eval)",
     )
     p.add_argument("--train-spacing", choices=("leading", "trailing", "pipeline"), default=None)
+    p.add_argument(
+        "--train-sampler",
+        choices=("ddim", "lcm"),
+        default=None,
+        help="the training policy's steps (SDPO, DDPO): DDIM with η, or LCM steps; default: lcm (and --eval-sampler "
+        "lcm) on an LCM model, else ddim",
+    )
     p.add_argument("--eval-every", type=int, default=None)
     p.add_argument("--eval-prompts", type=int, default=None)
     p.add_argument("--checkpoint-every", type=int, default=None)

@@ -177,6 +177,19 @@ def load_model(id_or_path: str = DEFAULT_MODEL, device: str | None = "cpu", dtyp
     return pipe
 
 
+def is_lcm_model(spec: str) -> bool:
+    """Whether a model name loads as an LCM model (an LCM scheduler, or an LCM-LoRA), read from its files without
+    loading the weights."""
+    base, lora = split_model_spec(spec)
+    if lora is not None and "lcm" in lora.lower():
+        return True
+    config = Path(resolve_model_path(base)) / "scheduler" / "scheduler_config.json"
+    try:
+        return "LCM" in json.loads(config.read_text()).get("_class_name", "")
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def fuse_lora_file(pipe, file: Path, lcm: bool = False) -> None:
     """Load a LoRA file with diffusers' ``load_lora_weights`` and fuse it into the pipeline's weights (no adapter
     layers stay behind); ``lcm`` also switches the scheduler to ``LCMScheduler`` (LCM-LoRA)."""

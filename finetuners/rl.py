@@ -18,7 +18,7 @@ from collections.abc import Hashable, Sequence
 import torch
 
 from .denoisers import Denoiser
-from .steps import PredictionType, Reduction, ddim_step
+from .steps import PredictionType, Reduction, ddim_step, lcm_step
 
 ADV_EPS = 1e-6  # A = (x − μ)/(σ + 1e−6), as both reference implementations
 
@@ -146,8 +146,11 @@ def transition_log_probs(
     prediction_type: PredictionType = "epsilon",
     final_alpha_cumprod: float | torch.Tensor = 1.0,
     reduction: Reduction = "mean",
+    step_kind: str = "ddim",
+    step_kwargs: dict | None = None,
 ) -> torch.Tensor:
-    """log π_θ(x'|x, c) [B] of stored DDIM transitions; row b goes from ``timesteps[b]`` to ``next_timesteps[b]``.
+    """log π_θ(x'|x, c) [B] of stored DDIM (``step_kind="lcm"``: LCM) transitions; row b goes from ``timesteps[b]``
+    to ``next_timesteps[b]``.
 
     latents, next_latents [B, C, H, W]; timesteps, next_timesteps [B] (−1: the final state). The same
     maths as ``sampling.reevaluate_log_probs`` (``ddim_step`` at the stored ``prev_sample``), for rows
@@ -155,9 +158,10 @@ def transition_log_probs(
     through the denoiser; run it in fp32 or cast its output, as ALGORITHMS.md §0.5 asks.
     """
     model_output = denoiser(latents, timesteps, cond).to(latents.dtype)
-    out = ddim_step(model_output, timesteps, next_timesteps, latents, alphas_cumprod, eta=eta,
-                    prediction_type=prediction_type, final_alpha_cumprod=final_alpha_cumprod,
-                    prev_sample=next_latents, reduction=reduction)  # fmt: skip
+    step, extra = (lcm_step, {}) if step_kind == "lcm" else (ddim_step, {"eta": eta})
+    out = step(model_output, timesteps, next_timesteps, latents, alphas_cumprod, prediction_type=prediction_type,
+               final_alpha_cumprod=final_alpha_cumprod, prev_sample=next_latents, reduction=reduction,
+               **extra, **(step_kwargs or {}))  # fmt: skip
     if out.log_prob is None:
         raise ValueError("a deterministic step (η = 0, or std 0 after the last step) has no log-prob")
     return out.log_prob

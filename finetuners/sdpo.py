@@ -35,6 +35,7 @@ from .steps import PredictionType, Reduction, timesteps
 
 SPACINGS = ("leading", "trailing", "pipeline")
 EVAL_SAMPLERS = ("ddim", "ddim-trailing", "lcm")
+TRAIN_SAMPLERS = ("ddim", "lcm")  # the training policy's step (ALGORITHMS.md §0.2, few-step models)
 ADAPTERS = ("lora", "full")
 PRECISIONS = ("fp32", "fp16", "bf16")
 TF32 = ("on", "off")
@@ -62,6 +63,8 @@ class SDPOConfig:
     timestep_spacing: str = "leading"  # the reference's old DDIMScheduler: leading + offset 1, t_0 = 981;
     # "pipeline" takes the loaded scheduler's own spacing
     eta: float = 1.0  # DDIM η of the training sampler: 1 makes every step a Gaussian policy with σ > 0
+    train_sampler: str = "ddim"  # "lcm": LCM steps as the policy (LCM / LCM-LoRA; RLCM's log π, §0.2) on the LCM
+    # scheduler's timesteps; its last step returns f_θ deterministically, so K − 1 steps train
     guidance_scale: float = 1.0  # CFG off (≤ 1: one conditional pass); the pair estimator assumes it (§1.2(a))
     prompts: str = "simple_animals"  # prompt set: 45 simple animal names in the paper
     sample_batch_size: int = 8  # pairs per sampling batch, per process; each row gives one pair (a, b)
@@ -115,6 +118,7 @@ class SDPOConfig:
         _choice(self, "cosine_clamp", COSINE_CLAMPS)
         _choice(self, "log_prob_reduction", REDUCTIONS)
         _choice(self, "eval_sampler", EVAL_SAMPLERS)
+        _choice(self, "train_sampler", TRAIN_SAMPLERS)
         for name in ("model", "prompts", "reward", "reward_variant"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
                 raise UserError(f"{name} must be a non-empty name, got {getattr(self, name)!r}")
@@ -146,7 +150,10 @@ class SDPOConfig:
         if not steps or not all(isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= 1000 for k in steps):
             raise UserError(f"eval_steps must be whole numbers from 1 to 1000, got {self.eval_steps!r}")
         object.__setattr__(self, "eval_steps", steps)
-        updates_per_epoch(self.num_steps, self.pairs_per_process, self.train_batch_size, self.grad_accum)
+        if self.trained_steps < 1:
+            raise UserError("LCM training needs at least 2 steps: the last LCM step returns f_θ deterministically "
+                            "and has no log-prob to train")  # fmt: skip
+        updates_per_epoch(self.trained_steps, self.pairs_per_process, self.train_batch_size, self.grad_accum)
 
     @property
     def pairs_per_process(self) -> int:
@@ -155,8 +162,13 @@ class SDPOConfig:
     @property
     def updates_per_epoch(self) -> int:
         """Optimiser steps per epoch (§1.2(e)); the paper preset gives 50·32/(2·8) = 100."""
-        return updates_per_epoch(self.num_steps, self.pairs_per_process, self.train_batch_size, self.grad_accum,
+        return updates_per_epoch(self.trained_steps, self.pairs_per_process, self.train_batch_size, self.grad_accum,
                                  self.inner_epochs)  # fmt: skip
+
+    @property
+    def trained_steps(self) -> int:
+        """Steps with a log-prob, which the policy-gradient methods train: all K under DDIM, K − 1 under LCM."""
+        return self.num_steps - (self.train_sampler == "lcm")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> SDPOConfig:
@@ -358,14 +370,18 @@ def sample_pairs(
     prediction_type: PredictionType = "epsilon",
     final_alpha_cumprod: float | torch.Tensor = 1.0,
     reduction: Reduction = "mean",
+    step_kind: str = "ddim",
+    step_kwargs: dict | None = None,
 ) -> TrajectoryPair:
     """Two stochastic DDIM trajectories per row of ``x_T`` [P, C, H, W], both starting at that x_T (§1.2(a)).
 
     ``cond`` [P, …] is the conditioning of each pair. Both trajectories record the noisy latents (for
     log-probs) and x̂0 at every step (for the dense reward). Step noise of trajectory a (b) in row p
     comes from ``generators_a[p]`` (``generators_b[p]``), so a pair replays from its generators whatever
-    the batch. Runs as one ``sample_loop`` over 2P rows. The denoiser must not apply CFG (SDPO samples
-    with guidance off; a ``CFGDenoiser`` with scale ≤ 1 is fine). x_T and the step maths should be fp32.
+    the batch. Runs as one ``sample_loop`` over 2P rows. ``step_kind="lcm"`` takes LCM steps (``step_kwargs``:
+    their ``timestep_scaling``), whose re-noising is the policy's noise; ``eta`` is then unused. The denoiser
+    must not apply CFG (SDPO samples with guidance off; a ``CFGDenoiser`` with scale ≤ 1 is fine). x_T and the
+    step maths should be fp32.
     """
     p = x_T.shape[0]
     if len(generators_a) != p or len(generators_b) != p:
@@ -376,7 +392,7 @@ def sample_pairs(
     if getattr(denoiser, "guided", False):
         raise ValueError("SDPO samples with CFG off: pass guidance ≤ 1 (one conditional pass)")
     _, traj = sample_loop(denoiser, torch.cat([x_T, x_T]), torch.cat([cond, cond]), ts, alphas_cumprod,
-                          step_kind="ddim", eta=eta, prediction_type=prediction_type,
+                          step_kind=step_kind, eta=eta, prediction_type=prediction_type, step_kwargs=step_kwargs,
                           final_alpha_cumprod=final_alpha_cumprod, generator=list(generators_a) + list(generators_b),
                           record=True, record_pred_x0=True, reduction=reduction)  # fmt: skip
     return TrajectoryPair(traj)
@@ -602,19 +618,21 @@ class PairSteps:
     @classmethod
     def from_pair(cls, pair: TrajectoryPair, advantages_a: torch.Tensor, advantages_b: torch.Tensor,
                   weights: torch.Tensor, cond: torch.Tensor) -> PairSteps:  # fmt: skip
-        """Rows from sampled pairs, advantages [P, K] per trajectory, step weights [K] and cond [P, …]."""
+        """Rows from sampled pairs, advantages [P, K] per trajectory, step weights [K] and cond [P, …]. Under LCM
+        steps the last, deterministic step (no log-prob) is left out: K − 1 columns."""
         a, b = pair.a, pair.b
         p, k = a.log_probs.shape
+        k -= pair.joint.step_kind == "lcm"
         device = a.latents.device
-        expand = lambda v: torch.as_tensor(v, device=device).expand(p, k).clone()
+        expand = lambda v: torch.as_tensor(v, device=device)[:k].expand(p, k).clone()
         return cls(
             step_index=expand(torch.arange(k)),
             timesteps=expand(a.timesteps),
             next_timesteps=expand(a.next_timesteps),
-            latents_a=a.latents[:, :-1], next_latents_a=a.latents[:, 1:],
-            latents_b=b.latents[:, :-1], next_latents_b=b.latents[:, 1:],
-            log_probs_a=a.log_probs, log_probs_b=b.log_probs,
-            advantages_a=advantages_a, advantages_b=advantages_b,
+            latents_a=a.latents[:, :k], next_latents_a=a.latents[:, 1 : k + 1],
+            latents_b=b.latents[:, :k], next_latents_b=b.latents[:, 1 : k + 1],
+            log_probs_a=a.log_probs[:, :k], log_probs_b=b.log_probs[:, :k],
+            advantages_a=advantages_a[:, :k], advantages_b=advantages_b[:, :k],
             weights=expand(weights.to(device)),
             cond=cond,
             pair_index=torch.arange(p, device=device),
@@ -678,6 +696,8 @@ def sdpo_minibatch_loss(
     prediction_type: PredictionType = "epsilon",
     final_alpha_cumprod: float | torch.Tensor = 1.0,
     reduction: Reduction = "mean",
+    step_kind: str = "ddim",
+    step_kwargs: dict | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """``sdpo_loss`` of one minibatch (K = 1 column of ``iter_minibatches``), re-evaluating a and b
     in one denoiser call of 2B rows. Returns the loss and {clipfrac, approx_kl, ratio_abs_max}."""
@@ -692,6 +712,7 @@ def sdpo_minibatch_loss(
         torch.cat([batch.cond, batch.cond]),
         alphas_cumprod,
         eta=eta, prediction_type=prediction_type, final_alpha_cumprod=final_alpha_cumprod, reduction=reduction,
+        step_kind=step_kind, step_kwargs=step_kwargs,
     )  # fmt: skip
     lp_a, lp_b = log_probs[:bsz], log_probs[bsz:]
     args = (lp_a, lp_b, flat(batch.log_probs_a), flat(batch.log_probs_b), flat(batch.advantages_a),

@@ -97,6 +97,8 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
                 raise UserError(f"{name} must be a whole number from {lo} to {hi}, got {v!r}")
+        if self.method in GRADIENT_METHODS and self.algo.train_sampler != "ddim":
+            raise UserError(f"{self.method.upper()} trains on the DDIM chain: LCM training steps are for SDPO and DDPO")
         if self.method == "sdpo" and self.algo.num_steps < 2:
             raise UserError("SDPO needs at least 2 training steps: a pair's two trajectories start from the same x_T, "
                             "so at one step their only x̂0 is the same image, every reward difference is 0 and "
@@ -203,7 +205,13 @@ class Trainer:
         self.shuffle_gen = torch.Generator().manual_seed(self.cfg.seed)
         self.alphas, self.final_alpha = schedule_tensors(pipe, self.device)
         self.prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
-        self.ts = train_timesteps(pipe, self.cfg.num_steps, self.cfg.timestep_spacing)
+        self.step_kwargs: dict = {}
+        if self.cfg.train_sampler == "lcm":  # the LCM scheduler's own timesteps, as the model samples
+            from .generate import sampler_setup
+
+            self.ts, _, self.step_kwargs = sampler_setup(pipe, "lcm", self.cfg.num_steps)
+        else:
+            self.ts = train_timesteps(pipe, self.cfg.num_steps, self.cfg.timestep_spacing)
         self.epoch = 0  # epochs completed
         self.global_step = 0  # optimiser steps taken
         self.reward_queries = 0  # over all processes (each makes the same number per epoch)
@@ -299,7 +307,8 @@ class Trainer:
             g_x, g_a, g_b = pair_generators(self._seeds(b, len(prompts)))
             pair = sample_pairs(self.denoiser, self._x_T(g_x), cond, self.ts, self.alphas, generators_a=g_a,
                                 generators_b=g_b, eta=cfg.eta, prediction_type=self.prediction_type,
-                                final_alpha_cumprod=self.final_alpha, reduction=cfg.log_prob_reduction)  # fmt: skip
+                                final_alpha_cumprod=self.final_alpha, reduction=cfg.log_prob_reduction,
+                                step_kind=cfg.train_sampler, step_kwargs=self.step_kwargs)  # fmt: skip
             fn = latent_reward(self.pipe, self.train_reward_fn, prompts + prompts)
             dense = dense_rewards(pair.joint.pred_x0, fn, cosine_clamp=cfg.cosine_clamp)
             self._queried(dense.queries_per_trajectory * 2 * len(prompts))
@@ -332,7 +341,8 @@ class Trainer:
                 loss, info = sdpo_minibatch_loss(self.denoiser, mb, self.alphas, clip_range=cfg.clip_range,
                                                  eta=cfg.eta, prediction_type=self.prediction_type,
                                                  final_alpha_cumprod=self.final_alpha,
-                                                 reduction=cfg.log_prob_reduction)  # fmt: skip
+                                                 reduction=cfg.log_prob_reduction, step_kind=cfg.train_sampler,
+                                                 step_kwargs=self.step_kwargs)  # fmt: skip
                 self._check_finite(loss)
                 (loss / cfg.grad_accum).backward()
                 losses.append(float(loss.detach()))
@@ -364,7 +374,8 @@ class Trainer:
             cond = self._encode(prompts)
             g_x, g_a, _ = pair_generators(self._seeds(b, len(prompts)))
             with torch.no_grad():
-                final, traj = sample_loop(self.denoiser, self._x_T(g_x), cond, self.ts, self.alphas, step_kind="ddim",
+                final, traj = sample_loop(self.denoiser, self._x_T(g_x), cond, self.ts, self.alphas,
+                                          step_kind=cfg.train_sampler, step_kwargs=self.step_kwargs,
                                           eta=cfg.eta, prediction_type=self.prediction_type,
                                           final_alpha_cumprod=self.final_alpha, generator=g_a, record=True,
                                           record_pred_x0=False, reduction=cfg.log_prob_reduction)  # fmt: skip
@@ -380,7 +391,7 @@ class Trainer:
         adv = adv[self.dist.rows(local_rewards.shape[0])]  # this process's rows
         cond = torch.cat([c for _, c, _, _ in batches])
         latents = torch.cat([t.latents for _, _, t, _ in batches])
-        old = torch.cat([t.log_probs for _, _, t, _ in batches])
+        old = torch.cat([t.log_probs for _, _, t, _ in batches])[:, : cfg.trained_steps]  # LCM: not the last step
         ts = torch.tensor(batches[0][2].timesteps, device=self.device)
         tn = torch.tensor(batches[0][2].next_timesteps, device=self.device)
         n, k = old.shape
@@ -400,7 +411,8 @@ class Trainer:
                                               cond[rows], self.alphas, eta=cfg.eta,
                                               prediction_type=self.prediction_type,
                                               final_alpha_cumprod=self.final_alpha,
-                                              reduction=cfg.log_prob_reduction)  # fmt: skip
+                                              reduction=cfg.log_prob_reduction, step_kind=cfg.train_sampler,
+                                              step_kwargs=self.step_kwargs)  # fmt: skip
                     ratio = torch.exp(lp - old[rows, i].to(lp.device))
                     loss = ppo_clip_loss(adv[rows].to(lp.device), ratio, cfg.clip_range)
                     self._check_finite(loss)

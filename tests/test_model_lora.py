@@ -136,3 +136,26 @@ def test_the_sample_tab_takes_a_lora_model_typed_in(lcm_lora, tmp_path):
     assert len(view.images) == 1 and "4 steps" in view.info
     steps, sampler, guidance, error = on_model_change(backend, f"shapes+{tmp_path / 'missing'}")
     assert "does not exist" in error
+
+
+def test_an_lcm_model_fine_tunes_with_lcm_steps(random_pipeline_dir, lcm_lora, tmp_path):
+    """The Fine-tune tab and the CLI train an LCM model as it samples: LCM steps as SDPO's and DDPO's policy and
+    LCM evaluation; the gradient methods keep their DDIM chain."""
+    from finetuners.__main__ import main
+    from finetuners.runs import read_json
+    from ui.backend import Backend, Settings
+    from ui.finetune_tab import make_config
+
+    spec = f"{random_pipeline_dir}+{lcm_lora}"
+    backend = Backend(Settings(model=spec, device="cpu", data_dir=tmp_path / "data"))
+    form = dict(reward="shapes-probe", learning_rate=3e-4, batch=2, epochs=1, train_steps=2, eval_steps=[1, 2],
+                adapter="LoRA", lora_rank=2)  # fmt: skip
+    for method, train_sampler in (("SDPO", "lcm"), ("DDPO", "lcm"), ("RLR", "ddim")):
+        config = make_config(backend, method=method, **form)
+        assert (config.algo.train_sampler, config.algo.eval_sampler) == (train_sampler, "lcm"), method
+    run = tmp_path / "runs" / "cli-lcm"
+    assert main(["train", "--run", str(run), "--model", spec, "--reward", "jpeg-compressibility", "--epochs", "1",
+                 "--batch", "2", "--batches", "1", "--train-batch", "2", "--grad-accum", "1", "--train-steps", "2",
+                 "--eval-steps", "1", "--eval-prompts", "2"]) == 0  # fmt: skip
+    algo = read_json(run / "config.json")["config"]["algo"]
+    assert (algo["train_sampler"], algo["eval_sampler"]) == ("lcm", "lcm")

@@ -358,6 +358,39 @@ def test_pairs_share_x_T_and_differ_afterwards(sampled):
 
 
 @torch.no_grad()
+def test_lcm_pairs_train_every_step_but_the_last(sampled):
+    """LCM steps as the policy (ALGORITHMS.md §0.2): log π = log N(x'; √ᾱ_p·f_θ, (1−ᾱ_p)I) on every step but the
+    last, which returns f_θ; the pair's steps then hold K − 1 columns whose log-probs re-evaluate exactly."""
+    from finetuners.generate import sampler_setup
+
+    s = sampled
+    ts, kind, kwargs = sampler_setup(s["pipe"], "lcm", 3)
+    _, gens_a, gens_b = pair_generators([7, 8])
+    pair = sample_pairs(s["denoiser"], s["x_T"], s["cond"], ts, s["alphas"], generators_a=gens_a,
+                        generators_b=gens_b, final_alpha_cumprod=s["final"], step_kind=kind,
+                        step_kwargs=kwargs)  # fmt: skip
+    j = pair.joint
+    assert kind == "lcm" and j.step_kind == "lcm"
+    assert torch.isfinite(j.log_probs[:, :2]).all() and torch.isnan(j.log_probs[:, 2]).all()
+    assert torch.equal(j.latents[:, 3], j.pred_x0[:, 2])  # the last step's output is f_θ itself
+    a_p = s["alphas"][ts[1]]  # step 0's transition: mean √ᾱ_p·f_θ, std √(1−ᾱ_p)
+    closed = torch.distributions.Normal(a_p.sqrt() * j.pred_x0[:, 0], (1 - a_p).sqrt()).log_prob(j.latents[:, 1])
+    torch.testing.assert_close(j.log_probs[:, 0], closed.mean(dim=(1, 2, 3)), rtol=1e-5, atol=1e-5)
+    adv = torch.tensor([[1.0, 0.5, -1.0], [0.0, 2.0, 1.0]])
+    steps = PairSteps.from_pair(pair, adv, torch.zeros(2, 3), step_weights(3), s["cond"])
+    assert steps.num_steps == 2 and torch.equal(steps.timesteps[0], torch.tensor(ts[:2]))
+    for _column, batch in iter_minibatches(steps, train_batch_size=2):
+        loss, info = sdpo_minibatch_loss(s["denoiser"], batch, s["alphas"], clip_range=1e-4, step_kind="lcm",
+                                         final_alpha_cumprod=s["final"], step_kwargs=kwargs)  # fmt: skip
+        assert info["ratio_abs_max"] == 0.0  # unchanged weights: ratio exactly 1
+        assert loss.item() == pytest.approx((batch.advantages_a**2).mean().item(), abs=1e-7)
+    with pytest.raises(UserError, match="LCM training needs at least 2 steps"):
+        SDPOConfig.preset("shapes", num_steps=1, train_sampler="lcm")
+    with pytest.raises(UserError, match="train_sampler must be one of"):
+        SDPOConfig.preset("shapes", train_sampler="euler")
+
+
+@torch.no_grad()
 def test_one_step_pairs_have_one_image_between_them(sampled):
     """Why SDPO refuses K_train = 1 (TrainConfig): the pair's only x̂0 is read off the shared x_T."""
     s = sampled

@@ -175,6 +175,29 @@ def test_one_minibatch_equals_accumulated_minibatches(random_pipeline_dir, tmp_p
         torch.testing.assert_close(one[k], acc[k], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["sdpo", "ddpo"])
+def test_lcm_steps_train_as_the_policy(random_pipeline_dir, tmp_path, method):
+    """An epoch with LCM training steps: K − 1 steps train (the last is deterministic), and the adapter moves."""
+    from safetensors.torch import load_file
+
+    from finetuners.lora import LORA_FILE
+    from finetuners.runs import list_checkpoints, read_metrics
+    from finetuners.trainer import TrainConfig, train
+
+    run = tmp_path / method
+    config = _config(random_pipeline_dir, method=method, sample_batch_size=2, train_batch_size=2, grad_accum=1,
+                     num_epochs=1, num_steps=3, train_sampler="lcm", eval_sampler="lcm", eval_steps=(2,))  # fmt: skip
+    assert config.algo.trained_steps == 2
+    assert train(run, config)["state"] == "finished"
+    epoch = next(r for r in read_metrics(run) if r.get("event") == "epoch")
+    assert epoch["updates"] == (2 if method == "sdpo" else 1) and epoch["grad_norm"] > 0
+    weights = load_file(list_checkpoints(run)[-1][1] / "lora" / LORA_FILE)
+    assert max(float(v.abs().max()) for k, v in weights.items() if "lora.up" in k) > 1e-5
+    with pytest.raises(UserError, match="LCM training steps are for SDPO and DDPO"):
+        TrainConfig(method="bptt", algo=config.algo.__class__.preset("shapes", reward="shapes-probe",
+                                                                      train_sampler="lcm"))  # fmt: skip
+
+
 def test_stop_event_checkpoints_and_stops(random_pipeline_dir, tmp_path):
     import threading
 

@@ -217,6 +217,8 @@ def make_config(backend: Backend, method, reward, learning_rate, batch, epochs, 
         adapter=ADAPTERS[adapter], lora_rank=rank, eval_steps=tuple(steps), eval_sampler=sampler, seed=seed,
         train_batch_size=train_batch, grad_accum=grad_accum, timestep_spacing=spacing,
         pairs_per_prompt=per_prompt, min_count=min(2 * per_prompt, 8),
+        # an LCM model trains as it samples (LCM steps as the policy) under SDPO and DDPO; the others use DDIM
+        train_sampler="lcm" if sampler == "lcm" and METHODS[method] in ("sdpo", "ddpo") else "ddim",
     )  # fmt: skip
     return TrainConfig(method=METHODS[method], algo=algo, reward_weights=(weights or "").strip() or None,
                        device=str(device), eval_every=every, num_eval_prompts=n_eval, rlr=rlr)  # fmt: skip
