@@ -77,13 +77,20 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 def split_model_spec(spec: str) -> tuple[str, str | None]:
     """``BASE+LORA`` → (BASE, LORA); any other model name (or an existing path that holds a '+') → (name, None)."""
     name = (spec or "").strip()
-    if "+" not in name or Path(name).exists():
+    if "+" not in name or _exists(name):
         return name, None
     base, lora = (part.strip() for part in name.rsplit("+", 1))
     if not base or not lora:
         raise UserError(f"model {name!r}: write a model with a LoRA as BASE+LORA, e.g. "
                         "stable-diffusion-v1-5/stable-diffusion-v1-5+latent-consistency/lcm-lora-sdv1-5")  # fmt: skip
     return base, lora
+
+
+def _exists(name: str) -> bool:
+    try:
+        return Path(name).exists()
+    except (OSError, ValueError):  # over-long or NUL-holding names: not a path here (typed_path words it later)
+        return False
 
 
 def resolve_lora_file(lora: str, allow_download: bool = False) -> Path:
@@ -125,8 +132,13 @@ def resolve_model_path(id_or_path: str, allow_download: bool = False) -> str:
     """An alias, a local pipeline folder, or a hub id found in the local cache → a local folder path. For
     ``BASE+LORA``, BASE's folder, once the LoRA is found too."""
     name, lora = split_model_spec(id_or_path)
+    folder = _pipeline_folder(name, allow_download)
     if lora is not None:
         resolve_lora_file(lora, allow_download)
+    return folder
+
+
+def _pipeline_folder(name: str, allow_download: bool) -> str:
     if not name:
         raise UserError("no model given: pass a pipeline folder, a hub id, or 'shapes'")
     if name in ALIASES:

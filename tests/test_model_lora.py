@@ -91,6 +91,9 @@ def test_bad_lora_specs_are_refused_in_words(random_pipeline_dir, lcm_lora, tmp_
         (f"{random_pipeline_dir}+{pickled}", "only safetensors"),
         (f"{tmp_path / 'no-base'}+{lcm_lora}", "does not exist"),
         (f"{random_pipeline_dir}+someone/some-lora", "not in the local Hugging Face cache"),
+        (f"{random_pipeline_dir}+a\x00b", "LoRA path contains a NUL byte"),
+        (f"a\x00b+{lcm_lora}", "model path contains a NUL byte"),  # the base is checked first
+        ("x" * 5000 + f"+{lcm_lora}", "model path is too long"),
     ]:
         with pytest.raises(UserError, match=message):
             resolve_model_path(spec)
