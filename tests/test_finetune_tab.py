@@ -28,6 +28,7 @@ from ui.finetune_tab import (
     CONFIG_FIELDS,
     CURVES,
     SHEET_GAP,
+    curve_figure,
     make_config,
     on_refresh,
     on_resume,
@@ -541,3 +542,11 @@ def test_a_sadm_run_trains_shows_fd_and_losses_and_its_checkpoint_samples(backen
     base = load_model(str(tiny_pipeline_dir), "cpu")
     changed = [n for n, p in pipe.unet.named_parameters() if not torch.equal(p, base.unet.get_parameter(n))]
     assert changed  # the fine-tuned UNet, not the base one
+
+
+def test_a_short_run_has_whole_epoch_ticks():
+    """Automatic ticks at half epochs, printed as whole numbers, read "1, 2, 2, 3, 3" on a 3-epoch run."""
+    short = [{"event": "epoch", "epoch": e, "loss": 1.0 / e} for e in (1, 2, 3)]
+    assert curve_figure(short, "loss").layout.xaxis.dtick == 1
+    long = [{"event": "epoch", "epoch": e, "loss": 1.0 / e} for e in range(1, 60)]
+    assert curve_figure(long, "loss").layout.xaxis.dtick is None

@@ -301,6 +301,9 @@ def curve_figure(metrics: list[dict], plot: str):
     fig.update_layout(title=dict(text=title, font=dict(size=14)), template="plotly_white", height=260,
                       margin=dict(l=50, r=10, t=40, b=40), xaxis_title="epoch", yaxis_title=y_title,
                       xaxis_tickformat="d", legend=dict(orientation="h", y=-0.3))  # fmt: skip
+    last = max((x for trace in fig.data for x in (trace.x or ())), default=0)
+    if last <= 10:  # a short run: whole epochs only (automatic ticks at 0.5 would print "1, 2, 2, 3, 3")
+        fig.update_xaxes(dtick=1)
     return fig
 
 
