@@ -57,6 +57,7 @@ class RunInfo:
     reward: str | None = None
     model: str | None = None
     adapter: str | None = None
+    train_sampler: str | None = None  # the training policy's steps: "ddim" or "lcm"
     checkpoints: tuple[int, ...] = ()  # optimiser steps of the complete checkpoints, oldest first
     pid: int | None = None
     config_error: str | None = None  # config.json missing or unreadable (the run cannot be resumed)
@@ -244,7 +245,8 @@ class RunManager:
             name=name, path=path, state=state, error=error, epoch=epoch,
             num_epochs=algo.get("num_epochs", algo.get("epochs")), method=(config or {}).get("method"),
             reward=algo.get("reward", _sadm_objective(algo)), model=algo.get("model"),
-            adapter=algo.get("adapter"), checkpoints=tuple(n for n, _ in runs.list_checkpoints(path)),
+            adapter=algo.get("adapter"), train_sampler=algo.get("train_sampler"),
+            checkpoints=tuple(n for n, _ in runs.list_checkpoints(path)),
             pid=pid, config_error=config_error,
         )  # fmt: skip
 

@@ -162,3 +162,8 @@ def test_an_lcm_model_fine_tunes_with_lcm_steps(random_pipeline_dir, lcm_lora, t
                  "--eval-steps", "1", "--eval-prompts", "2"]) == 0  # fmt: skip
     algo = read_json(run / "config.json")["config"]["algo"]
     assert (algo["train_sampler"], algo["eval_sampler"]) == ("lcm", "lcm")
+    from finetuners.jobs import RunManager
+    from ui.finetune_tab import describe_status
+
+    info = RunManager(run.parent).info("cli-lcm")  # what the Fine-tune tab says of the run
+    assert info.train_sampler == "lcm" and "SDPO on jpeg-compressibility (lora, LCM steps)" in describe_status(info)

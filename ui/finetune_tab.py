@@ -258,7 +258,8 @@ def describe_status(info: RunInfo) -> str:
     if info.epoch is not None and info.num_epochs:
         words.append(f"epoch {info.epoch} of {info.num_epochs}")
     if info.method:
-        words.append(f"{info.method.upper()} on {info.reward} ({info.adapter})")
+        lcm = ", LCM steps" if info.train_sampler == "lcm" else ""
+        words.append(f"{info.method.upper()} on {info.reward} ({info.adapter}{lcm})")
     if info.checkpoints:
         words.append(f"last checkpoint step-{info.checkpoints[-1]}")
     text = " · ".join(words)
