@@ -41,6 +41,7 @@ from pathlib import Path
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from finetuners import superdiff  # noqa: E402
@@ -48,7 +49,12 @@ from finetuners.generate import LIMITS, SampleRequest, generate  # noqa: E402
 from finetuners.models import PROBE_PATH, load_model  # noqa: E402
 from finetuners.shapes.probe import ShapesProbe, read_scene  # noqa: E402
 from finetuners.shapes.world import RELATIONS, parse_prompt  # noqa: E402
-from finetuners.superdiff import SuperDiffConfig, superpose_models, superpose_prompts  # noqa: E402
+from finetuners.superdiff import (  # noqa: E402
+    SuperDiffConfig,
+    default_guidance,
+    superpose_models,
+    superpose_prompts,
+)
 
 OBJ_A, OBJ_B = "a red circle", "a blue square"
 POS_A, POS_B = "a red circle on the left", "a red circle at the top"
@@ -110,6 +116,20 @@ def fraction(flags: list[bool]) -> tuple[float, float]:
 def pct(flags: list[bool]) -> str:
     p, se = fraction(flags)
     return f"{100 * p:.1f}% ± {100 * se:.1f}"
+
+
+def paired(first: list[bool], second: list[bool]) -> tuple[float, float]:
+    """Mean of first − second over the same seeds, and its standard error (the seeds pair the two samplers' noise)."""
+    d = np.array(first, dtype=float) - np.array(second, dtype=float)
+    return float(d.mean()), float(d.std(ddof=1) / len(d) ** 0.5) if len(d) > 1 else float("nan")
+
+
+def paired_line(what: str, runs_both: dict) -> tuple[str, dict]:
+    """AND against averaged predictions on one outcome, paired over seeds."""
+    diff, se = paired(runs_both["AND"], runs_both["averaged κ = ½"])
+    return (f"AND − averaged, {what}, paired over the same seeds: {100 * diff:+.1f} ± {100 * se:.1f} points "
+            f"({diff / se:+.1f} standard errors)" if se > 0 else f"AND − averaged, {what}: {100 * diff:+.1f} points",
+            {"and_minus_avg": diff, "se": se})  # fmt: skip
 
 
 def describe_scene(scene) -> str:
@@ -187,10 +207,10 @@ def objects_table(bench: Bench, prompt_a: str = OBJ_A, prompt_b: str = OBJ_B) ->
         "| sampler | contains both | only A | only B | neither | most common reading |",
         "|---|---|---|---|---|---|",
     ]
-    numbers = {}
+    numbers, boths = {}, {}
     for name, scenes in runs.items():
         has_a, has_b = contains(scenes, a), contains(scenes, b)
-        both = [x and y for x, y in zip(has_a, has_b)]
+        both = boths[name] = [x and y for x, y in zip(has_a, has_b)]
         only_a = [x and not y for x, y in zip(has_a, has_b)]
         only_b = [y and not x for x, y in zip(has_a, has_b)]
         neither = [not (x or y) for x, y in zip(has_a, has_b)]
@@ -207,6 +227,8 @@ def objects_table(bench: Bench, prompt_a: str = OBJ_A, prompt_b: str = OBJ_B) ->
                 numbers[name]["balance"] = p
                 lines += ["", f"OR balance, only A / (only A + only B): {p:.2f} ± {se:.2f} over {k_a + k_b} images "
                           "(0.5 = even)"]  # fmt: skip
+    line, numbers["paired"] = paired_line("contains both", boths)
+    lines += ["", line]
     k = bench.kappa["AND"]
     lines += ["", f"AND's κ of A over every step and image: mean {k['mean']:.3f}, outside [0, 1] on "
               f"{100 * k['outside_0_1']:.1f} % of steps, |κ| up to {k['max_abs']:.2f}"]  # fmt: skip
@@ -228,17 +250,18 @@ def positions_table(bench: Bench) -> tuple[list[str], dict]:
         "| sampler | red circle top-left (both) | on the left only | at the top only | exactly one object |",
         "|---|---|---|---|---|",
     ]
-    numbers = {}
+    numbers, boths = {}, {}
     for name, scenes in runs.items():
         cells = [[o.cell for o in s if (o.shape, o.color) == red_circle] for s in scenes]
-        both = [TOP_LEFT in c for c in cells]
+        both = boths[name] = [TOP_LEFT in c for c in cells]
         only_left = [not x and any(left((c,)) for c in cs) for x, cs in zip(both, cells)]
         only_top = [not x and any(top((c,)) for c in cs) for x, cs in zip(both, cells)]
         single = [len(s) == 1 for s in scenes]
         lines.append(f"| {name} | {pct(both)} | {pct(only_left)} | {pct(only_top)} | {pct(single)} |")
         numbers[name] = {"both": fraction(both)[0], "only_left": fraction(only_left)[0],
                          "only_top": fraction(only_top)[0]}  # fmt: skip
-    return lines, numbers
+    line, numbers["paired"] = paired_line("red circle top-left", boths)
+    return [*lines, "", line], numbers
 
 
 def cost_table(bench: Bench) -> list[str]:
@@ -266,21 +289,24 @@ def cost_table(bench: Bench) -> list[str]:
             without = f"{c['s_per_image'] - c['estimator_s_per_image']:.4f}"
         lines.append(f"| {name} | {c['rows_per_step']:g} | {c['s_per_image']:.4f} | {c['unet_s_per_image']:.4f} | "
                      f"{est} | {without} |")  # fmt: skip
-    lines += [
-        "",
-        f"UNet rows per step per image, AND with CFG: two prompts {rows_and:g} (one call, rows [∅, A, B]), two "
-        f"models {rows_models:g} (each model its own ∅).",
-    ]
+    if bench.guidance > 1:
+        rows = (f"AND with CFG: two prompts {rows_and:g} (one call, rows [∅, A, B]), two models {rows_models:g} (each "
+                "model its own ∅)")  # fmt: skip
+    else:
+        rows = f"AND without guidance: two prompts {rows_and:g} (rows [A, B]), two models {rows_models:g}"
+    lines += ["", f"UNet rows per step per image, {rows}."]
     return lines
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="shapes", help="a Shapes pipeline folder (default: the shipped one)")
+    p.add_argument("--model", default="shapes", help="shapes, shapes-partial or a Shapes pipeline folder")
     p.add_argument("--probe", default=str(PROBE_PATH), help="the Shapes probe folder")
     p.add_argument("--n", type=int, default=64, help="seeds (images) per sampler")
     p.add_argument("--steps", type=int, default=100, help="Euler–Maruyama steps (and DDIM steps of the joint prompt)")
-    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument(
+        "--guidance", type=float, default=None, help="default: the model's for SuperDiff (shapes 3, shapes-partial 1)"
+    )
     p.add_argument("--json", type=Path, help="also write the numbers as JSON here")
     p.add_argument(
         "--objects",
@@ -299,6 +325,8 @@ def main() -> None:
     start = time.perf_counter()
     pipe = load_model(args.model, "cpu")
     probe = ShapesProbe.load(args.probe)
+    if args.guidance is None:
+        args.guidance = default_guidance(pipe)
     bench = Bench(pipe, probe, args.n, args.steps, args.guidance)
     command = "python bench/superdiff_shapes.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     print(f"command: {command.strip()}")

@@ -4,6 +4,7 @@
     python -m finetuners sample --model stabilityai/sd-turbo --sampler ddim-trailing --steps 1 \
         --guidance 0 --device cuda --prompt "..."
 
+    # default model shapes-partial (captions that leave objects out), guidance 1 there
     python -m finetuners superpose --prompt-a "a red circle" --prompt-b "a blue square" --mode and --out out/
     python -m finetuners superpose --model shapes --model-b runs/first --prompt "..." --mode or
 
@@ -34,11 +35,11 @@ from .names import typed_path
 MAX_PROMPT_FILE_BYTES = 50_000_000  # adapt-train --prompt-file
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, default: str = "shapes") -> None:
     p.add_argument(
         "--model",
-        default="shapes",
-        help="pipeline folder, hub id in the local cache, or 'shapes'; or a "
+        default=default,
+        help=f"pipeline folder, hub id in the local cache, 'shapes' or 'shapes-partial' (default: {default}); or a "
         "fine-tuned checkpoint: runs/NAME (its latest), runs/NAME/checkpoints/step-N or run:NAME/step-N",
     )
     p.add_argument("--runs", default="runs", help="the runs folder that run:NAME/step-N refers to (default: runs)")
@@ -160,9 +161,8 @@ def cmd_superpose(args: argparse.Namespace) -> int:
     from dataclasses import asdict, replace
 
     from .imageio import atomic_write_bytes, save_png
-    from .models import model_defaults
     from .runs import load_pipeline
-    from .superdiff import SuperDiffConfig, superpose_models, superpose_prompts
+    from .superdiff import SuperDiffConfig, default_guidance, superpose_models, superpose_prompts
 
     out = typed_path(args.out, "--out folder")
     if out.exists() and not out.is_dir():
@@ -179,7 +179,7 @@ def cmd_superpose(args: argparse.Namespace) -> int:
                              guidance=args.guidance if args.guidance is not None else 1.0)  # fmt: skip
     pipe = load_pipeline(args.model, args.device, args.dtype, runs_root=args.runs, allow_download=args.allow_download)
     if args.guidance is None:
-        config = replace(config, guidance=model_defaults(pipe).guidance)
+        config = replace(config, guidance=default_guidance(pipe))
     if args.model_b is None:
         prompts, models = [prompt_a, args.prompt_b], [args.model]
         result = superpose_prompts(pipe, prompt_a, args.prompt_b, config, args.seed, args.batch,
@@ -380,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_adapt_train)
 
     p = sub.add_parser("superpose", help="SuperDiff OR / AND of two prompts or two models; PNGs and κ/ℓ traces")
-    _add_model_args(p)
+    _add_model_args(p, default="shapes-partial")  # models.COMPOSE_MODEL (not imported: it loads torch)
     p.add_argument("--model-b", default=None, help="a second model: superpose two models on one prompt")
     p.add_argument("--prompt-a", default=None, help="prompt of A (two prompts on one model)")
     p.add_argument("--prompt", default=None, help="the prompt, with --model-b (same as --prompt-a)")
@@ -390,7 +390,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0, help="OR: κ = softmax(T·ℓ + b), T > 0")
     p.add_argument("--bias", type=float, default=0.0, help="nats; OR: log-odds of A over B; AND: final ℓ_A − ℓ_B")
     p.add_argument("--steps", type=int, default=100, help="Euler–Maruyama steps, at least 20 (1000: the paper's)")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance; ≤ 1 is off")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="classifier-free guidance, ≤ 1 is off (default: the model's for SuperDiff; shapes-partial: 1)",
+    )
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--out", default="out")

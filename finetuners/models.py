@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_MODEL = "shapes"  # alias of the embedded pipeline
-ALIASES = {"shapes": ASSETS / "shapes-sd"}
+COMPOSE_MODEL = "shapes-partial"  # the Shapes world with captions that leave objects out (docs/SHAPES.md)
+ALIASES = {DEFAULT_MODEL: ASSETS / "shapes-sd", COMPOSE_MODEL: ASSETS / "shapes-partial-sd"}
 PROBE_PATH = ASSETS / "shapes-probe"
 DEFAULTS_FILE = "finetuners.json"  # sampler defaults stored beside a pipeline's model_index.json
 SMALL_UNET_PARAMS = 20_000_000  # below: a toy-sized UNet (Shapes), whose speed per-call overhead bounds
@@ -42,6 +43,7 @@ class ModelDefaults:
     sampler: str  # "ddim" | "ddim-trailing" | "lcm"
     steps: int
     guidance: float
+    superdiff_guidance: float | None = None  # SuperDiff's guidance where it differs from sampling's (shapes-partial)
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -140,7 +142,7 @@ def resolve_model_path(id_or_path: str, allow_download: bool = False) -> str:
 
 def _pipeline_folder(name: str, allow_download: bool) -> str:
     if not name:
-        raise UserError("no model given: pass a pipeline folder, a hub id, or 'shapes'")
+        raise UserError("no model given: pass a pipeline folder, a hub id, 'shapes' or 'shapes-partial'")
     if name in ALIASES:
         return str(ALIASES[name])
     path = typed_path(name, "model path")  # NUL bytes, over-long names, '~nobody': a message, not an OSError

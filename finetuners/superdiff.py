@@ -490,6 +490,16 @@ def ve_sde_sample(model: EpsModel, x_T: torch.Tensor, ladder: Ladder, *, generat
 # Stable-Diffusion-family pipelines
 
 
+def default_guidance(pipe) -> float:
+    """The guidance SuperDiff uses on a model unless told: the one its folder records for SuperDiff, else the one it
+    samples with. shapes-partial records 1 (no guidance): there AND composes two objects more often than averaged
+    predictions, while at its sampling guidance 3 the two tie (docs/BENCHMARKS.md, Superpose)."""
+    from .models import model_defaults
+
+    d = model_defaults(pipe)
+    return d.guidance if d.superdiff_guidance is None else d.superdiff_guidance
+
+
 def _check_pipe(pipe, config: SuperDiffConfig) -> None:
     from .models import model_defaults
 

@@ -58,3 +58,54 @@ def test_model_follows_prompts_with_enough_steps(shapes_pipe, shapes_probe):
     acc1 = prompt_accuracy(shapes_probe, images1, prompts).mean().item()
     assert acc20 >= 0.6, acc20
     assert acc1 < acc20  # one step is clearly worse: the room the fine-tuning methods use
+
+
+PARTIAL_PIPELINE = ASSET_PIPELINE.parent / "shapes-partial-sd"
+
+
+def test_shapes_partial_is_the_same_world_with_its_own_unet():
+    """shapes-partial shares the shipped model's VAE, tokenizer and scheduler byte for byte (one latent space, so the
+    probe and the two-models superposition apply) and has its own UNet and text encoder, trained on partial captions
+    on top of the shipped weights (assets/training-partial.json)."""
+    from finetuners.models import ALIASES, COMPOSE_MODEL, model_defaults
+
+    assert ALIASES[COMPOSE_MODEL] == PARTIAL_PIPELINE
+    files = {p.relative_to(PARTIAL_PIPELINE) for p in PARTIAL_PIPELINE.rglob("*") if p.is_file()}
+    assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
+    assert files == {p.relative_to(ASSET_PIPELINE) for p in ASSET_PIPELINE.rglob("*") if p.is_file()}
+    for rel in files:
+        same = (PARTIAL_PIPELINE / rel).read_bytes() == (ASSET_PIPELINE / rel).read_bytes()
+        weights = rel.suffix == ".safetensors" and rel.parts[0] in ("unet", "text_encoder")
+        own = weights or rel.name == "finetuners.json"
+        assert same != own, rel
+    report = json.loads((ASSET_PIPELINE.parent / "training-partial.json").read_text())
+    assert report["config"]["partial_caption_share"] == 0.3
+    shipped = json.loads((ASSET_PIPELINE.parent / "training.json").read_text())
+    assert report["resumed_from"]["config"] == shipped["config"]
+
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(PARTIAL_PIPELINE), use_safetensors=True)
+    pipe.finetuners_folder = str(PARTIAL_PIPELINE)
+    d = model_defaults(pipe)
+    assert (d.sampler, d.steps, d.guidance, d.superdiff_guidance) == ("ddim", 20, 3.0, 1.0)
+
+
+def test_shapes_partial_draws_a_second_object_under_a_one_object_caption(shapes_pipe, shapes_probe):
+    """What the partial captions teach (docs/SHAPES.md): "a red circle" sometimes shows a second object beside the red
+    circle on shapes-partial (about a third of the time), never on the shipped model, where AND of two object prompts
+    therefore has nothing to find."""
+    from finetuners.models import load_model
+    from finetuners.shapes.probe import read_scene
+
+    def readings(pipe):
+        req = SampleRequest("a red circle", steps=20, guidance=3.0, seed=0, batch=24, record_pred_x0=False)
+        with torch.no_grad():
+            return read_scene(*shapes_probe(generate(pipe, req).images))
+
+    shipped = readings(shapes_pipe)
+    partial = readings(load_model("shapes-partial", "cpu"))
+    red_circle = lambda objs: any((o.color, o.shape) == ("red", "circle") for o in objs)  # noqa: E731
+    assert sum(len(objs) >= 2 for objs in shipped) == 0
+    assert 3 <= sum(len(objs) >= 2 for objs in partial) <= 16
+    assert sum(red_circle(objs) for objs in partial) >= 22

@@ -12,9 +12,12 @@ import pytest
 from finetuners.errors import UserError
 from ui.backend import Backend, Settings
 from ui.superpose_tab import (
+    guidance_for,
     kappa_figure,
     log_q_figure,
+    model0,
     on_axis_change,
+    on_model_a_change,
     on_source_change,
     on_superpose,
     run_superpose,
@@ -197,6 +200,24 @@ def test_build_app_composes_the_superpose_tab(app_backend):
             "superpose-logq", "sample-tab"} <= ids  # fmt: skip
 
 
+def test_beside_the_shapes_model_the_tab_starts_on_shapes_partial_without_guidance():
+    """The Shapes model never draws two objects under a one-object caption, so the tab starts on shapes-partial,
+    at the guidance it records for SuperDiff (1); picking a model sets its own; a bad one says so."""
+    backend = Backend(Settings(model="shapes", device="cpu", max_batch=4))
+    assert backend.model_choices()[:2] == ["shapes", "shapes-partial"]
+    assert model0(backend) == "shapes-partial" and guidance_for(backend, "shapes-partial") == 1.0
+    assert on_model_a_change(backend, "shapes") == (3.0, "")
+    guidance, error = on_model_a_change(backend, "nowhere")
+    assert guidance == {"__type__": "update"} and "model path 'nowhere' does not exist" in error
+    other = Backend(Settings(model="shapes-partial", device="cpu"))
+    assert other.model_choices()[:2] == ["shapes-partial", "shapes"] and model0(other) == "shapes-partial"
+
+
+def test_a_model_folder_is_offered_alone(app_backend):
+    assert app_backend.embedded_choices() == [] and model0(app_backend) == app_backend.settings.model
+    assert guidance_for(app_backend, app_backend.settings.model) == 3.0  # its sampling guidance: none recorded
+
+
 # -- the command line ------------------------------------------------------------------------------------------
 
 
@@ -216,6 +237,21 @@ def test_cli_superpose_writes_images_and_traces(tiny_pipeline_dir, tmp_path, cap
     assert len(traces["log_q"]) == n + 1 and len(traces["sigmas"]) == n + 1 and len(traces["timesteps"]) == n
     assert traces["unet_rows"] == 3 * n * b  # CFG: rows [∅, A, B]
     assert "UNet rows per step" in capsys.readouterr().err
+
+
+def test_cli_superpose_defaults_to_shapes_partial_without_guidance(tmp_path):
+    from finetuners.__main__ import main
+
+    out = tmp_path / "out"
+    argv = ["superpose", "--prompt-a", "a red circle", "--prompt-b", "a blue square", "--steps", "20",
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    traces = json.loads((out / "and_seed0_traces.json").read_text())
+    assert traces["models"] == ["shapes-partial"] and traces["config"]["guidance"] == 1.0
+    assert traces["unet_rows"] == 2 * 20  # no guidance: rows [A, B]
+    assert main([*argv, "--model", "shapes", "--out", str(tmp_path / "shapes")]) == 0
+    traces = json.loads((tmp_path / "shapes" / "and_seed0_traces.json").read_text())
+    assert traces["models"] == ["shapes"] and traces["config"]["guidance"] == 3.0 and traces["unet_rows"] == 3 * 20
 
 
 @pytest.mark.parametrize("extra, message", [

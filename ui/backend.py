@@ -61,8 +61,17 @@ class Backend:
 
     # -- models --------------------------------------------------------------------------------------------
     def model_choices(self) -> list[str]:
-        """Models offered in the model pickers: the start-up model, then the fine-tuned checkpoints."""
-        return [self.settings.model, *self.checkpoint_choices()]
+        """Models offered in the model pickers: the start-up model, the other embedded one when it is embedded
+        (shapes, shapes-partial), then the fine-tuned checkpoints."""
+        return [self.settings.model, *self.embedded_choices(), *self.checkpoint_choices()]
+
+    def embedded_choices(self) -> list[str]:
+        """The embedded models other than the start-up model, offered beside it when it is one of them."""
+        from finetuners.models import ALIASES
+
+        if self.settings.model not in ALIASES:
+            return []
+        return [name for name in ALIASES if name != self.settings.model]
 
     def check_model(self, model_id: str | None) -> str:
         name = (model_id or "").strip()

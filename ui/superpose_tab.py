@@ -18,7 +18,7 @@ import gradio as gr
 
 from finetuners.errors import UserError
 from finetuners.generate import LIMITS, MAX_PROMPT_CHARS, SampleRequest, generate
-from finetuners.superdiff import MIN_SD_STEPS, SuperDiffConfig, superpose_models, superpose_prompts
+from finetuners.superdiff import MIN_SD_STEPS, SuperDiffConfig, default_guidance, superpose_models, superpose_prompts
 
 from .backend import Backend
 from .common import attempt, error_markdown, random_seed
@@ -37,6 +37,7 @@ AXES = [("step", "step"), ("σ̃ (noise level)", "sigma")]
 # mode and both baselines) at a few seconds on a CPU. Fewer than MIN_SD_STEPS are refused: the estimator's error
 # grows with the step size. 1000 is the paper's setting.
 DEFAULT_STEPS = 100
+COMPOSE_NOTE = "shapes-partial: captions that leave objects out, so AND can find both objects"
 STEP_LIMITS = (MIN_SD_STEPS, 1000)
 TEMPERATURE_LIMITS = (0.0, 1e6)  # OR: T > 0; 1e6 is the reference's hard-coded argmax
 BIAS_LIMIT = 100.0  # nats
@@ -512,9 +513,26 @@ def on_source_change(source: str, mode: str):
 # -- layout ----------------------------------------------------------------------------------------------------
 
 
-def _guidance0(backend: Backend) -> float:
-    d = backend.defaults(backend.settings.model)
-    return min(max(d.guidance, LIMITS["guidance"][0]), LIMITS["guidance"][1])
+def model0(backend: Backend) -> str:
+    """Model A at start: shapes-partial beside the Shapes model, whose one-object captions never show a second object
+    (so AND of two object prompts can only blend them); else the start-up model."""
+    from finetuners.models import COMPOSE_MODEL
+
+    return COMPOSE_MODEL if COMPOSE_MODEL in backend.embedded_choices() else backend.settings.model
+
+
+def guidance_for(backend: Backend, model) -> float:
+    """SuperDiff's guidance for a model (``superdiff.default_guidance``), within the slider's range."""
+    g = default_guidance(backend.pipeline(model))
+    return min(max(g, LIMITS["guidance"][0]), LIMITS["guidance"][1])
+
+
+def on_model_a_change(backend: Backend, model):
+    """Guidance follows model A: the one it superposes with (shapes-partial: none), a checkpoint's: its run's."""
+    found, message = attempt("loading the model", guidance_for, backend, model)
+    if message is None:
+        return found, ""
+    return gr.skip(), error_markdown(message, "Cannot load the model")
 
 
 def _gallery(label: str, elem_id: str) -> gr.Gallery:
@@ -562,8 +580,14 @@ def build_superpose_tab(backend: Backend) -> gr.Tab:
                     placeholder="empty: “A and B”, e.g. a red circle above a blue square",
                 )
                 with gr.Row():
+                    first = model0(backend)
+                    note = COMPOSE_NOTE if first != settings.model else None
                     model_a = gr.Dropdown(
-                        choices=choices, value=settings.model, label="Model A", elem_id="superpose-model-a", **custom
+                        choices=choices,
+                        value=first,
+                        label="Model A",
+                        elem_id="superpose-model-a",
+                        **{**custom, "info": " · ".join(filter(None, [note, custom["info"]])) or None},
                     )
                     model_b = gr.Dropdown(
                         choices=choices,
@@ -606,7 +630,7 @@ def build_superpose_tab(backend: Backend) -> gr.Tab:
                     )
                     guidance = gr.Slider(
                         *LIMITS["guidance"],
-                        value=_guidance0(backend),
+                        value=guidance_for(backend, model0(backend)),
                         step=0.5,
                         label="Guidance",
                         elem_id="superpose-guidance",
@@ -672,6 +696,9 @@ def build_superpose_tab(backend: Backend) -> gr.Tab:
             on_source_change, [source, mode], [prompt_a, prompt_b, joint, model_b, mode, baseline], queue=False
         )
         axis.change(on_axis_change, [traces_state, axis], [kappa_plot, log_q_plot], queue=False)
+        model_a.change(
+            lambda m: on_model_a_change(backend, m), [model_a], [guidance, error], trigger_mode="always_last", **events
+        )
         dice.click(random_seed, None, [seed], queue=False)
         # fine-tuning may have added checkpoints since the page loaded
         tab.select(lambda: [gr.update(choices=backend.model_choices())] * 2, None, [model_a, model_b], queue=False)

@@ -296,7 +296,7 @@ def train(config: TrainConfig, out: Path, device: str = "cpu", resume: Path | No
             log.info("unet %d/%d loss %.4f lr %.2e (%.3fs/step)", step, config.unet_steps, loss.item(),
                      opt.param_groups[0]["lr"], (time.time() - t_unet) / (step + 1))  # fmt: skip
         if config.save_every and steps_done % config.save_every == 0:
-            _save_pipeline(out, vae, text_encoder, tokenizer, unet, ema_unet, ema_text)
+            _save_pipeline(out, vae, text_encoder, tokenizer, unet, _defaults(config), ema_unet, ema_text)
         if eff_step >= config.unet_steps:
             log.warning("time budget reached at step %d", steps_done)
             break
@@ -306,7 +306,7 @@ def train(config: TrainConfig, out: Path, device: str = "cpu", resume: Path | No
     ema_text.copy_to(text_encoder.parameters())
 
     # 5. save and evaluate --------------------------------------------------------------------------
-    pipe = _save_pipeline(out, vae, text_encoder, tokenizer, unet)
+    pipe = _save_pipeline(out, vae, text_encoder, tokenizer, unet, _defaults(config))
     prompts = eval_prompts(config.eval_prompts)
     for guidance in (1.0, 3.0, 5.0):
         pipe.set_progress_bar_config(disable=True)
@@ -326,7 +326,13 @@ def train(config: TrainConfig, out: Path, device: str = "cpu", resume: Path | No
     return report
 
 
-def _save_pipeline(out, vae, text_encoder, tokenizer, unet, ema_unet=None, ema_text=None):
+def _defaults(config) -> ModelDefaults:
+    """The sampler defaults recorded beside the pipeline. A model trained on partial captions (shapes-partial) also
+    records guidance 1 for SuperDiff, where AND composes two object prompts (docs/BENCHMARKS.md, Superpose)."""
+    return replace(SHAPES_DEFAULTS, superdiff_guidance=1.0) if config.partial_caption_share else SHAPES_DEFAULTS
+
+
+def _save_pipeline(out, vae, text_encoder, tokenizer, unet, defaults, ema_unet=None, ema_text=None):
     """Write the pipeline folder; with EMA models given, save their weights and restore the live ones."""
     for ema, model in ((ema_unet, unet), (ema_text, text_encoder)):
         if ema is not None:
@@ -338,7 +344,7 @@ def _save_pipeline(out, vae, text_encoder, tokenizer, unet, ema_unet=None, ema_t
         requires_safety_checker=False,
     )  # fmt: skip
     pipe.save_pretrained(out / "shapes-sd", safe_serialization=True)
-    (out / "shapes-sd" / DEFAULTS_FILE).write_text(json.dumps(asdict(SHAPES_DEFAULTS), indent=2))
+    (out / "shapes-sd" / DEFAULTS_FILE).write_text(json.dumps(asdict(defaults), indent=2))
     for ema, model in ((ema_unet, unet), (ema_text, text_encoder)):
         if ema is not None:
             ema.restore(model.parameters())
