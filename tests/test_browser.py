@@ -40,7 +40,8 @@ def page(app_url):
 
 
 def test_generate_shows_images_and_the_x0_strip(page):
-    page.locator("#sample-prompt textarea").fill("a red circle above a blue square")
+    # the prompt starts filled in, so a first click samples something
+    assert page.locator("#sample-prompt textarea").input_value() == "a red circle above a blue square"
     steps = page.locator("#sample-steps input[type=number]")
     steps.fill("4")
     steps.press("Enter")
@@ -81,8 +82,9 @@ def test_a_missing_model_typed_in_shows_a_message(page):
 
 def test_superpose_and_shows_images_and_the_kappa_plot(page):
     page.get_by_role("tab", name="Superpose").click()
-    page.locator("#superpose-prompt-a textarea").fill("a red circle")
-    page.locator("#superpose-prompt-b textarea").fill("a blue square")
+    # the prompts start filled in, so a first click composes something
+    assert page.locator("#superpose-prompt-a textarea").input_value() == "a red circle"
+    assert page.locator("#superpose-prompt-b textarea").input_value() == "a blue square"
     steps = page.locator("#superpose-steps input[type=number]")
     steps.fill("20")  # the fewest the density estimator accepts
     steps.press("Enter")

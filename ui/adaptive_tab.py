@@ -26,7 +26,7 @@ from finetuners.errors import UserError
 from finetuners.generate import LIMITS, MAX_PROMPT_CHARS, SAMPLERS
 
 from .backend import Backend
-from .common import attempt, count, error_markdown, random_seed
+from .common import DEMO_PROMPT, attempt, count, error_markdown, random_seed
 from .images import to_display
 
 log = logging.getLogger(__name__)
@@ -454,7 +454,7 @@ def build_adaptive_tab(backend: Backend) -> gr.Tab:
             with gr.Row(equal_height=False):
                 with gr.Column(scale=2, min_width=300):
                     prompt = gr.Textbox(label="Prompt", lines=1, max_lines=4, elem_id="adaptive-prompt",
-                                        placeholder="a red circle above a blue square")  # fmt: skip
+                                        value=DEMO_PROMPT, placeholder=DEMO_PROMPT)  # fmt: skip
                     with gr.Row(equal_height=False):
                         seed = gr.Number(value=0, precision=0, label="Seed", elem_id="adaptive-seed", scale=3)
                         dice = gr.Button("Random", scale=0, min_width=80, size="sm", elem_id="adaptive-random-seed")

@@ -19,6 +19,9 @@ from finetuners.generate import LIMITS
 
 log = logging.getLogger("finetuners.ui")
 
+# What the prompt boxes start with, so that a first click shows something; the Shapes world draws it
+DEMO_PROMPT = "a red circle above a blue square"
+
 
 def error_markdown(message: str, title: str = "Cannot generate") -> str:
     escaped = "".join("\\" + c if c in "\\`*_[]<>#|" else c for c in message)

@@ -16,7 +16,7 @@ from finetuners.generate import LIMITS, SAMPLERS, SampleRequest
 
 from .adaptive_tab import choose_for_prompt, policy_choices
 from .backend import Backend
-from .common import attempt, error_markdown, random_seed
+from .common import DEMO_PROMPT, attempt, error_markdown, random_seed
 from .images import to_display
 
 log = logging.getLogger(__name__)
@@ -228,7 +228,8 @@ def build_sample_tab(backend: Backend) -> gr.Tab:
                     max_lines=6,
                     elem_id="sample-prompt",
                     autofocus=True,
-                    placeholder="a red circle above a blue square",
+                    value=DEMO_PROMPT,  # a first click samples something
+                    placeholder=DEMO_PROMPT,
                 )
                 negative = gr.Textbox(
                     label="Negative prompt",

@@ -563,12 +563,18 @@ def build_superpose_tab(backend: Backend) -> gr.Tab:
                 source = gr.Radio(SOURCES, value="prompts", label="Superpose", elem_id="superpose-source")
                 with gr.Row():
                     prompt_a = gr.Textbox(
-                        label="Prompt A", lines=1, max_lines=4, elem_id="superpose-prompt-a", placeholder="a red circle"
+                        value="a red circle",
+                        label="Prompt A",
+                        lines=1,
+                        max_lines=4,
+                        elem_id="superpose-prompt-a",
+                        placeholder="a red circle",
                     )
                     prompt_b = gr.Textbox(
                         label="Prompt B",
                         lines=1,
                         max_lines=4,
+                        value="a blue square",
                         elem_id="superpose-prompt-b",
                         placeholder="a blue square",
                     )
