@@ -19,8 +19,9 @@ from finetuners.generate import LIMITS
 
 log = logging.getLogger("finetuners.ui")
 
-# What the prompt boxes start with, so that a first click shows something; the Shapes world draws it
+# What the prompt boxes start with, so that a first click shows something; the Shapes world draws them
 DEMO_PROMPT = "a red circle above a blue square"
+DEMO_PAIR = ("a red circle", "a blue square")  # Superpose: two prompts naming different objects
 
 
 def error_markdown(message: str, title: str = "Cannot generate") -> str:

@@ -38,7 +38,7 @@ from finetuners.generate import LIMITS, MAX_PROMPT_CHARS, SampleRequest, check_p
 from finetuners.names import typed_path
 
 from .backend import Backend
-from .common import attempt, error_markdown
+from .common import DEMO_PROMPT, attempt, error_markdown
 
 log = logging.getLogger(__name__)
 
@@ -631,7 +631,7 @@ def build_label_tab(backend: Backend) -> gr.Tab:
             with gr.Column(scale=2, min_width=320):
                 with gr.Accordion("Prompt queue and pair source", open=True):
                     queue = gr.Textbox(label="Prompts, one per line", lines=4, max_lines=12, elem_id="label-queue",
-                                       placeholder="a red circle above a blue square")  # fmt: skip
+                                       placeholder=DEMO_PROMPT)  # fmt: skip
                     queue_file = gr.File(label="…or a prompt list (.txt, one per line)", file_types=[".txt"],
                                          type="filepath", elem_id="label-queue-file", height=130)  # fmt: skip
                     kind = gr.Radio(SOURCES, value="seeds", label="The two candidates differ by",

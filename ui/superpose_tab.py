@@ -21,7 +21,7 @@ from finetuners.generate import LIMITS, MAX_PROMPT_CHARS, SampleRequest, generat
 from finetuners.superdiff import MIN_SD_STEPS, SuperDiffConfig, default_guidance, superpose_models, superpose_prompts
 
 from .backend import Backend
-from .common import attempt, error_markdown, random_seed
+from .common import DEMO_PAIR, attempt, error_markdown, random_seed
 from .images import to_display
 from .sample_tab import GalleryItem
 
@@ -563,20 +563,20 @@ def build_superpose_tab(backend: Backend) -> gr.Tab:
                 source = gr.Radio(SOURCES, value="prompts", label="Superpose", elem_id="superpose-source")
                 with gr.Row():
                     prompt_a = gr.Textbox(
-                        value="a red circle",
+                        value=DEMO_PAIR[0],
                         label="Prompt A",
                         lines=1,
                         max_lines=4,
                         elem_id="superpose-prompt-a",
-                        placeholder="a red circle",
+                        placeholder=DEMO_PAIR[0],
                     )
                     prompt_b = gr.Textbox(
+                        value=DEMO_PAIR[1],
                         label="Prompt B",
                         lines=1,
                         max_lines=4,
-                        value="a blue square",
                         elem_id="superpose-prompt-b",
-                        placeholder="a blue square",
+                        placeholder=DEMO_PAIR[1],
                     )
                 joint = gr.Textbox(
                     label="Joint-prompt baseline",
