@@ -1,7 +1,7 @@
 """AdaDiff on Shapes: average steps of the adaptive policy against fixed step counts, on held-out prompts.
 
     python bench/adadiff_shapes.py [--model shapes] [--n-eval 1000] [--n-train 1000] [--seeds 2] \
-        [--candidates 1 2 3 4 6 8] [--sampler ddim-trailing] [--guidance 3] [--cache bench/.cache]
+        [--candidates 1 2 3 4 6 8] [--sampler ddim-trailing] [--guidance 3] [--cache bench/.cache] [--fold-seeds 4]
 
 Held-out prompts: ``eval_prompts(n_eval)`` (seed 12345, the list bench/eval_shapes.py uses; prompt i at seed i).
 Training prompts: distinct captions from the training distribution, none of them among the held-out ones. Every
@@ -13,7 +13,9 @@ one (the very same images: a paired comparison).
 Reported: probe accuracy at every fixed u; the adaptive policy's accuracy, mean steps and network evaluations; the
 smallest fixed u whose accuracy is within 1 point of the adaptive one, and the steps saved against it; mean chosen
 steps per template (object / position / relation); the oracle (argmax of R on the held-out ladder itself) and a
-random policy with the adaptive histogram as references.
+random policy with the adaptive histogram as references. With ``--fold-seeds S`` the crossfit policies train on
+their fold's distinct prompts at S further seeds (as ALGORITHMS.md §3.2 asks), and the bench adds crossfit
+attribute-cell oracles: how much any prompt-only policy that reads the template and one more attribute could save.
 """
 
 from __future__ import annotations
@@ -41,9 +43,12 @@ from finetuners.shapes.world import eval_prompts, parse_prompt  # noqa: E402
 TEMPLATES = ("object", "position", "relation")
 
 
-def template(prompt: str) -> str:
-    spec = parse_prompt(prompt)
+def template_of(spec) -> str:
     return "relation" if spec.relation else "position" if spec.position else "object"
+
+
+def template(prompt: str) -> str:
+    return template_of(parse_prompt(prompt))
 
 
 def weights_key(model: str, runs_root: Path) -> str:
@@ -142,6 +147,49 @@ def template_oracle(per_template: dict, fixed: dict[int, float], floor: float) -
     return best
 
 
+CELLS = {  # attributes an attribute-cell oracle may read from a prompt, beyond its template
+    "template": lambda s: (),
+    "template + relation or position word": lambda s: (s.relation or s.position,),
+    "template + shapes": lambda s: tuple(o[0] for o in s.objects),
+    "template + colours": lambda s: tuple(o[1] for o in s.objects),
+    "template + word + shapes": lambda s: (s.relation or s.position, *(o[0] for o in s.objects)),
+}
+
+
+def cell_oracles(held_out, fold, eval_acc, train_prompts, train_fold, train_acc, candidates) -> dict:
+    """Crossfit attribute-cell oracles: for each way of grouping prompts into cells (``CELLS``), every cell gets one
+    step count, chosen on the other fold's prompts at their own seeds (``train_acc`` [D, N], seed-averaged) as the
+    argmax of accuracy − c·u, and is read out on the held-out images. Swept over the step price c, the best saving by
+    the issue's measure at an accuracy ≥ 80 %. The sweep is chosen on the held-out images: an upper bound for any
+    prompt-only policy that sees no more than these attributes."""
+    u = torch.tensor(candidates, dtype=torch.float32)
+    fixed = {int(k): float(eval_acc[:, j].mean()) for j, k in enumerate(candidates)}
+    specs, train_specs = [parse_prompt(p) for p in held_out], [parse_prompt(p) for p in train_prompts]
+    rows, out = torch.arange(len(held_out)), {}
+    for name, attrs in CELLS.items():
+        tables = []  # per fold: {cell: accuracy [N]} from the other fold's prompts, and the template's as fallback
+        for f in (0, 1):
+            groups: dict = {}
+            for i, s in enumerate(train_specs):
+                if train_fold[i] != f:
+                    for key in ((template_of(s),), (template_of(s), *attrs(s))):
+                        groups.setdefault(key, []).append(i)
+            tables.append({k: train_acc[torch.tensor(v)].mean(0) for k, v in groups.items()})
+        curves = torch.stack([tables[int(fold[i])].get((template_of(s), *attrs(s)), tables[int(fold[i])][(
+            template_of(s),)]) for i, s in enumerate(specs)])  # fmt: skip
+        best = None
+        for c in torch.linspace(0, 0.3, 301):
+            idx = (curves - c * u).argmax(-1)
+            acc, steps = float(eval_acc[rows, idx].mean()), float(u[idx].mean())
+            matched = matched_fixed(fixed, acc)
+            if acc >= 0.8 and matched and (best is None or 1 - steps / matched > best["steps_saved_vs_matched"]):
+                best = {"cells": len({(template_of(s), *attrs(s)) for s in specs}), "price": float(c),
+                        "accuracy": acc, "mean_steps": steps, "matched_fixed_steps": matched,
+                        "steps_saved_vs_matched": 1 - steps / matched}  # fmt: skip
+        out[name] = best
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="shapes", help="a pipeline, or a run's checkpoint run:NAME/step-N")
@@ -150,6 +198,10 @@ def main() -> None:
     ap.add_argument("--protocol", choices=("crossfit", "separate"), default="crossfit",
                     help="crossfit: 2 folds of the held-out prompts by prompt string, each read out by the policy "
                     "trained on the other; separate: --n-train other prompts × --seeds")  # fmt: skip
+    ap.add_argument("--fold-seeds", type=int, default=0,
+                    help="crossfit: render every distinct held-out prompt at this many further seeds; each fold's "
+                    "policy trains on its prompts' seed-averaged ladder (ALGORITHMS.md §3.2's S) instead of their "
+                    "held-out images, and crossfit attribute-cell oracles are chosen from it")  # fmt: skip
     ap.add_argument("--n-train", type=int, default=1000)
     ap.add_argument("--seeds", type=int, default=2, help="seeds per training prompt (S)")
     ap.add_argument("--candidates", type=int, nargs="+", default=list(adadiff.CANDIDATE_SETS["shapes"]))
@@ -189,13 +241,26 @@ def main() -> None:
         eval_q = score(eval_ladder, iqs)[:, 0] if args.quality != "shapes-accuracy" else eval_acc
         fold = torch.tensor([zlib.crc32(p.encode()) % 2 for p in held_out])
         n_train, train_ladder = [], None
+        if args.fold_seeds:  # the distinct held-out prompts at S seeds none of the held-out images uses
+            distinct = sorted(set(held_out))
+            train_ladder = cached_ladder(pipe, "folds", distinct, adadiff.ladder_seeds(len(distinct), args.fold_seeds,
+                                         10**6), args, args.cache)  # fmt: skip
+            train_q = score(train_ladder, iqs).mean(1)
+            train_acc = score(train_ladder, accuracy).mean(1) if args.quality != "shapes-accuracy" else train_q
+            train_fold = torch.tensor([zlib.crc32(p.encode()) % 2 for p in distinct])
+            train_features = adadiff.text_features(pipe, distinct)
         for f in (0, 1):
             tr, te = fold != f, fold == f
             assert not {p for p, m in zip(held_out, tr) if m} & {p for p, m in zip(held_out, te) if m}
-            rewards = adadiff.config_rewards(eval_q[tr], config)
-            policy = adadiff.train_policy(features[tr], rewards, config).policy
+            if args.fold_seeds:
+                m = train_fold != f
+                policy = adadiff.train_policy(train_features[m], adadiff.config_rewards(train_q[m], config),
+                                              config).policy  # fmt: skip
+                n_train.append(int(m.sum()))
+            else:
+                policy = adadiff.train_policy(features[tr], adadiff.config_rewards(eval_q[tr], config), config).policy
+                n_train.append(int(tr.sum()))
             idx[te] = policy.probs(features[te]).argmax(-1)
-            n_train.append(int(tr.sum()))
             if f == 0 and args.save:
                 adadiff.save_policy(args.save, policy, config, {"model": args.model, "bench": "adadiff_shapes fold 0"})
     else:  # separate training prompts (none among the held-out ones), S seeds each
@@ -246,6 +311,8 @@ def main() -> None:
         "steps_saved_vs_equal_accuracy": 1 - ada_steps / equal if equal else float("nan"),
         "speedup_vs_max": 1 - ada_steps / u[-1].item(), "histogram": {int(k): int(c) for k, c in zip(u, hist)},
         "per_template": per_template, "template_oracle": template_oracle(per_template, fixed, ada_acc),
+        "cell_oracles": cell_oracles(held_out, fold, eval_acc, distinct, train_fold, train_acc, config.candidates)
+        if args.protocol == "crossfit" and args.fold_seeds else None, "fold_seeds": args.fold_seeds,
         "oracle": {"accuracy": float(eval_acc[rows, oracle].mean()), "mean_steps": float(u[oracle].mean())},
         "random_same_histogram": {"accuracy": float(eval_acc[rows, rand].mean()), "mean_steps": float(u[rand].mean())},
         "policy_train_seconds": train_s, "ladder_seconds": {"eval": eval_ladder.seconds,
@@ -280,6 +347,15 @@ def main() -> None:
               f"sees only the template): {best['steps']}, {100 * best['accuracy']:.1f}%, {best['mean_steps']:.2f} "
               f"steps, against fixed {best['matched_fixed_steps']}: {100 * best['steps_saved_vs_matched']:.1f}% "
               f"saved")  # fmt: skip
+    if figures["cell_oracles"]:
+        print(f"\ncrossfit attribute-cell oracles (one count per cell, chosen on the other fold's prompts at "
+              f"{args.fold_seeds} seeds; the step price swept on the held-out images):\n")  # fmt: skip
+        print("| cells | number | price c | accuracy | mean steps | against fixed | steps saved |")
+        print("|---" * 7 + "|")
+        for name, o in figures["cell_oracles"].items():
+            print(f"| {name} | – | – | – | – | – | none at ≥ 80 % |" if o is None else
+                  f"| {name} | {o['cells']} | {o['price']:.3f} | {100 * o['accuracy']:.1f}% | {o['mean_steps']:.2f} | "
+                  f"{o['matched_fixed_steps']} | {100 * o['steps_saved_vs_matched']:.1f}% |")  # fmt: skip
     print("\n| template | prompts | adaptive mean steps | adaptive accuracy | " +
           " | ".join(f"fixed {k}" for k in config.candidates) + " |")  # fmt: skip
     print("|---" * (4 + len(config.candidates)) + "|")
