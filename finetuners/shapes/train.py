@@ -56,6 +56,7 @@ class TrainConfig:
     caption_dropout: float = 0.1  # P(empty caption): trains the unconditional branch for CFG
     ema_decay: float = 0.999
     eval_prompts: int = 256
+    probe_heldout: int = 2000  # images the probe's held-out accuracy is read on
     eval_steps: int = 20
     save_every: int = 1500  # intermediate pipeline saves (EMA weights), so a long run is never all-or-nothing
     max_minutes: float = 0.0  # stop the UNet stage early past this wall-clock budget (0 = no budget)
@@ -74,7 +75,18 @@ class TrainConfig:
 SHAPES_DEFAULTS = ModelDefaults(sampler="ddim", steps=20, guidance=3.0)
 
 PRESETS = {
-    "smoke": TrainConfig(n_images=512, vae_steps=20, probe_steps=20, unet_steps=20, eval_prompts=16, eval_steps=4),
+    "smoke": TrainConfig(
+        n_images=512,
+        vae_steps=20,
+        vae_batch=16,
+        probe_steps=20,
+        probe_batch=32,
+        unet_steps=20,
+        unet_batch=16,
+        eval_prompts=16,
+        eval_steps=4,
+        probe_heldout=256,
+    ),
     "cpu": TrainConfig(),  # about an hour on 2 CPU cores
     "full": TrainConfig(
         n_images=100_000,
@@ -219,7 +231,7 @@ def train(config: TrainConfig, out: Path, device: str = "cpu", resume: Path | No
             log.info("probe %d/%d loss %.4f", step, config.probe_steps, loss.item())
     probe.eval().requires_grad_(False)
     probe.save(out / "shapes-probe")
-    held_out = make_dataset(2000, seed=config.seed + 10_000)
+    held_out = make_dataset(config.probe_heldout, seed=config.seed + 10_000)
     with torch.no_grad():
         x = torch.from_numpy(np.stack([s.image for s in held_out])).permute(0, 3, 1, 2).to(device).float() / 255
         report["probe_heldout_accuracy"] = prompt_accuracy(probe, x, [s.spec for s in held_out]).mean().item()
