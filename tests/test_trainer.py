@@ -354,6 +354,21 @@ def test_resume_after_sigkill(random_pipeline_dir, tmp_path):
 
 
 # -- end to end on the trained Shapes model ----------------------------------------------------------
+def _jpeg_sdpo_run(folder: Path, reward: str) -> str:
+    """One 60-epoch SDPO run of the test below, in a worker process; returns its end state."""
+    from finetuners.sdpo import SDPOConfig
+    from finetuners.trainer import TrainConfig, train
+
+    torch.set_num_threads(1)
+    # the minibatching the figures below were measured with: the preset now takes the same update as one minibatch
+    # (test_one_minibatch_equals_accumulated_minibatches), which differs only by float rounding, but a 60-epoch run
+    # amplifies rounding like a change of seed
+    algo = SDPOConfig.preset("shapes", reward=reward, reward_variant="standard", num_epochs=60, eval_steps=(1,),
+                             seed=0, train_batch_size=2, grad_accum=4)  # fmt: skip
+    config = TrainConfig(algo=algo, eval_every=algo.num_epochs, num_eval_prompts=32, checkpoint_every=10**6)
+    return train(folder, config)["state"]
+
+
 @pytest.mark.slow
 def test_short_sdpo_runs_move_jpeg_size_the_way_their_reward_asks(tmp_path):
     """60 SDPO epochs ("shapes" preset: LoRA r 4, lr 3e-4, K_train 2) on the shipped model, from one seed, with
@@ -364,19 +379,18 @@ def test_short_sdpo_runs_move_jpeg_size_the_way_their_reward_asks(tmp_path):
 
     The probe reward is not used here: over short runs its 1-step change is dominated by seed (K_train 4, 30
     epochs: +4.8 / +1.0 / +2.4 / -0.3 for seeds 0-3; docs/BENCHMARKS.md has the 20-minute runs)."""
-    from finetuners.runs import read_metrics
-    from finetuners.sdpo import SDPOConfig
-    from finetuners.trainer import TrainConfig, train
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
+    from finetuners.runs import read_metrics
+
+    rewards = {"jpeg-compressibility": -1.0, "jpeg-incompressibility": 1.0}
+    # the two runs side by side, one process (and one torch thread) each: the same arithmetic as one after the other
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        states = list(pool.map(_jpeg_sdpo_run, [tmp_path / r for r in rewards], rewards))
+    assert states == ["finished", "finished"]
     kb = {}
-    for reward, sign in (("jpeg-compressibility", -1.0), ("jpeg-incompressibility", 1.0)):
-        # the minibatching the figures above were measured with: the preset now takes the same update as one
-        # minibatch (test_one_minibatch_equals_accumulated_minibatches), which differs only by float rounding, but
-        # a 60-epoch run amplifies rounding like a change of seed
-        algo = SDPOConfig.preset("shapes", reward=reward, reward_variant="standard", num_epochs=60, eval_steps=(1,),
-                                 seed=0, train_batch_size=2, grad_accum=4)  # fmt: skip
-        config = TrainConfig(algo=algo, eval_every=algo.num_epochs, num_eval_prompts=32, checkpoint_every=10**6)
-        assert train(tmp_path / reward, config)["state"] == "finished"
+    for reward, sign in rewards.items():
         evals = [r for r in read_metrics(tmp_path / reward) if r.get("event") == "eval"]
         assert len(evals) == 2  # before the first epoch and after the last
         kb[reward] = [sign * r["eval_reward_k1"] for r in evals]  # JPEG kB before and after
