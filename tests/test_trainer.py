@@ -315,7 +315,7 @@ def test_resume_after_sigkill(random_pipeline_dir, tmp_path):
 
     run = tmp_path / "runs" / "killed"
     args = ["train", "--run", str(run), "--model", str(random_pipeline_dir), "--reward", "jpeg-compressibility",
-            "--epochs", "40", "--batch", "2", "--batches", "1", "--train-batch", "1", "--grad-accum", "2",
+            "--epochs", "20", "--batch", "2", "--batches", "1", "--train-batch", "1", "--grad-accum", "2",
             "--train-steps", "4", "--eval-steps", "1", "--eval-every", "100", "--eval-prompts", "2"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "finetuners", *args], cwd=REPO, env=env,
@@ -340,7 +340,7 @@ def test_resume_after_sigkill(random_pipeline_dir, tmp_path):
     assert max(done) - ckpt_epoch <= 1  # checkpoint_every = 1: at most one interval lost
     config_before = (run / "config.json").read_bytes()
 
-    r = _cli("train", "--run", str(run), "--resume", "--epochs", "41")  # a different setting is refused
+    r = _cli("train", "--run", str(run), "--resume", "--epochs", "21")  # a different setting is refused
     assert r.returncode == 2 and "different config" in r.stderr
     r = _cli("train", "--run", str(run), "--resume", timeout=300)
     assert r.returncode == 0, r.stderr
@@ -350,7 +350,7 @@ def test_resume_after_sigkill(random_pipeline_dir, tmp_path):
     resumed = [r for r in lines if r.get("event") == "resumed"]
     assert resumed and resumed[0]["epoch"] == ckpt_epoch and resumed[0]["global_step"] == last_ckpt
     after = [r["epoch"] for r in lines[lines.index(resumed[0]) :] if r.get("event") == "epoch"]
-    assert after == list(range(ckpt_epoch + 1, 41))
+    assert after == list(range(ckpt_epoch + 1, 21))
 
 
 # -- end to end on the trained Shapes model ----------------------------------------------------------
