@@ -61,6 +61,7 @@ class RunInfo:
     checkpoints: tuple[int, ...] = ()  # optimiser steps of the complete checkpoints, oldest first
     pid: int | None = None
     config_error: str | None = None  # config.json missing or unreadable (the run cannot be resumed)
+    phase: str | None = None  # while starting: what the trainer says it is doing (``runs.announce_phase``)
 
     @property
     def active(self) -> bool:
@@ -247,7 +248,7 @@ class RunManager:
             reward=algo.get("reward", _sadm_objective(algo)), model=algo.get("model"),
             adapter=algo.get("adapter"), train_sampler=algo.get("train_sampler"),
             checkpoints=tuple(n for n, _ in runs.list_checkpoints(path)),
-            pid=pid, config_error=config_error,
+            pid=pid, config_error=config_error, phase=_phase(path) if state == "starting" else None,
         )  # fmt: skip
 
     def metrics(self, name: str) -> list[dict]:
@@ -386,6 +387,17 @@ def _exit_words(code: int | None) -> str:
         why = {"SIGKILL": ", e.g. by the out-of-memory killer", "SIGSEGV": ", a crash"}.get(name, "")
         return f"code {code}: killed by {name}{why}"
     return f"code {code}"
+
+
+def _phase(path: Path) -> str | None:
+    """The newest phase the trainer announced since the log's last launch header, if any."""
+    phase = None
+    for line in _tail(path / LOG_FILE, 200).splitlines():
+        if line.startswith("=== "):
+            phase = None
+        elif line.startswith(runs.PHASE_PREFIX):
+            phase = line[len(runs.PHASE_PREFIX) :].strip() or None
+    return phase
 
 
 def _tail(path: Path, lines: int) -> str:

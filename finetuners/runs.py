@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -146,6 +147,14 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
         except ValueError:
             continue
     return out
+
+
+PHASE_PREFIX = "phase: "  # a trainer's log line naming what it does before its first step (the Fine-tune tab shows it)
+
+
+def announce_phase(text: str) -> None:
+    """Say on stderr, which a launched run's log captures, what the trainer is doing before it starts training."""
+    print(PHASE_PREFIX + text, file=sys.stderr, flush=True)
 
 
 def write_status(run_dir: str | Path, state: str, error: str | None = None, **extra) -> None:

@@ -686,10 +686,13 @@ def train_sadm(run_dir: str | Path, config: SADMConfig | dict | None = None, sto
         config = SADMConfig.from_dict(config)
     cfg, record, ckpt = _prepare(run_dir, config, resume)
     if pipe is None:
+        runs.announce_phase("loading the model")
         pipe = load_model(cfg.model, cfg.device, "float32")
     if not (Path(PROBE_PATH) / "model.safetensors").is_file():
         raise UserError(f"the Shapes probe is missing ({PROBE_PATH}): it gives the evaluation metrics")
     probe = ShapesProbe.load(PROBE_PATH, pipe.device)
+    if data is None:
+        runs.announce_phase(f"rendering and encoding {cfg.n_images} real images of the {cfg.domain} world")
     run = SADMRun(pipe, cfg, data)
     if ckpt is not None:
         run.load_checkpoint(ckpt)  # UserError on corruption; nothing written yet

@@ -600,6 +600,8 @@ def train(run_dir: str | Path, config: TrainConfig | None = None, *, resume: boo
     accuracy_fn = None
     if cfg.reward.startswith("shapes-"):
         accuracy_fn = make_reward("shapes-accuracy", device, config.reward_weights)
+    if dist.is_main:
+        runs.announce_phase("loading the model")
     pipe = load_model(cfg.model, device, cfg.precision)
     if device.startswith("cuda") and cfg.tf32 == "on":
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -524,6 +524,19 @@ def test_a_sadm_run_trains_shows_fd_and_losses_and_its_checkpoint_samples(backen
 
     info = start_run(backend, "sadm-run", **SADM_TINY)
     assert info.state == "starting"
+    # before its first step the trainer renders and encodes its real images (a minute on a CPU): the status says so
+    deadline, said = time.time() + 120, None
+    while time.time() < deadline and said is None:
+        view = run_view(backend, "sadm-run")
+        if "real images" in view.status:
+            said = view.status
+        elif "starting" not in view.status:
+            break
+        time.sleep(0.2)
+    assert (
+        said is not None
+        and "sadm-run: starting** · rendering and encoding 4096 real images of the shapes world…" in said
+    ), said
     done = backend.run_manager().wait("sadm-run", timeout_s=240)
     assert done.state == "finished", backend.run_manager().log_tail("sadm-run")
     assert done.method == "sadm" and done.epoch == 2 and done.checkpoints and "λ = 0.1" in done.reward
@@ -542,6 +555,19 @@ def test_a_sadm_run_trains_shows_fd_and_losses_and_its_checkpoint_samples(backen
     base = load_model(str(tiny_pipeline_dir), "cpu")
     changed = [n for n, p in pipe.unet.named_parameters() if not torch.equal(p, base.unet.get_parameter(n))]
     assert changed  # the fine-tuned UNet, not the base one
+
+
+def test_the_phase_is_the_newest_one_announced_since_the_last_launch(tmp_path):
+    from finetuners.jobs import _phase
+
+    log = tmp_path / "train.log"
+    assert _phase(tmp_path) is None  # no log yet
+    log.write_text("\n=== 2026-01-01 00:00:00 python -m finetuners sadm\nphase: loading the model\na warning\n"
+                   "phase: rendering and encoding 64 real images of the shapes world\n")  # fmt: skip
+    assert _phase(tmp_path) == "rendering and encoding 64 real images of the shapes world"
+    with log.open("a") as f:  # a resume: the old launch's phases no longer apply
+        f.write("\n=== 2026-01-01 00:05:00 python -m finetuners sadm --resume\n")
+    assert _phase(tmp_path) is None
 
 
 def test_a_short_run_has_whole_epoch_ticks():

@@ -255,6 +255,8 @@ def runs_table(backend: Backend) -> list[list]:
 
 def describe_status(info: RunInfo) -> str:
     words = [f"**{info.name}: {info.state}**"]
+    if info.phase:
+        words.append(f"{info.phase}…")
     if info.epoch is not None and info.num_epochs:
         words.append(f"epoch {info.epoch} of {info.num_epochs}")
     if info.method:
@@ -328,7 +330,7 @@ def run_view(backend: Backend, name, previous_key: tuple | None = None) -> RunVi
     metrics_file = info.path / "metrics.jsonl"
     size = metrics_file.stat().st_size if metrics_file.exists() else 0
     when, samples = latest_samples(info.path)
-    key = (info.name, info.state, info.error, info.epoch, size, when, tuple(p.name for p, _ in samples))
+    key = (info.name, info.state, info.phase, info.error, info.epoch, size, when, tuple(p.name for p, _ in samples))
     if key == previous_key:
         return None
     metrics = manager.metrics(info.name)
