@@ -38,17 +38,7 @@ import torch  # noqa: E402
 from finetuners import adadiff  # noqa: E402
 from finetuners.models import resolve_model_path  # noqa: E402
 from finetuners.runs import is_checkpoint_ref, load_pipeline, read_json, resolve_checkpoint  # noqa: E402
-from finetuners.shapes.world import eval_prompts, parse_prompt  # noqa: E402
-
-TEMPLATES = ("object", "position", "relation")
-
-
-def template_of(spec) -> str:
-    return "relation" if spec.relation else "position" if spec.position else "object"
-
-
-def template(prompt: str) -> str:
-    return template_of(parse_prompt(prompt))
+from finetuners.shapes.world import TEMPLATES, eval_prompts, parse_prompt  # noqa: E402
 
 
 def weights_key(model: str, runs_root: Path) -> str:
@@ -167,23 +157,24 @@ def cell_oracles(held_out, fold, eval_acc, train_prompts, train_fold, train_acc,
     specs, train_specs = [parse_prompt(p) for p in held_out], [parse_prompt(p) for p in train_prompts]
     rows, out = torch.arange(len(held_out)), {}
     for name, attrs in CELLS.items():
+        cells, train_cells = [(s.template, *attrs(s)) for s in specs], [(s.template, *attrs(s)) for s in train_specs]
         tables = []  # per fold: {cell: accuracy [N]} from the other fold's prompts, and the template's as fallback
         for f in (0, 1):
             groups: dict = {}
-            for i, s in enumerate(train_specs):
+            for i, cell in enumerate(train_cells):
                 if train_fold[i] != f:
-                    for key in ((template_of(s),), (template_of(s), *attrs(s))):
+                    for key in (cell[:1], cell):
                         groups.setdefault(key, []).append(i)
             tables.append({k: train_acc[torch.tensor(v)].mean(0) for k, v in groups.items()})
-        curves = torch.stack([tables[int(fold[i])].get((template_of(s), *attrs(s)), tables[int(fold[i])][(
-            template_of(s),)]) for i, s in enumerate(specs)])  # fmt: skip
+        curves = torch.stack([tables[int(fold[i])].get(cell, tables[int(fold[i])][cell[:1]])
+                              for i, cell in enumerate(cells)])  # fmt: skip
         best = None
         for c in torch.linspace(0, 0.3, 301):
             idx = (curves - c * u).argmax(-1)
             acc, steps = float(eval_acc[rows, idx].mean()), float(u[idx].mean())
             matched = matched_fixed(fixed, acc)
             if acc >= 0.8 and matched and (best is None or 1 - steps / matched > best["steps_saved_vs_matched"]):
-                best = {"cells": len({(template_of(s), *attrs(s)) for s in specs}), "price": float(c),
+                best = {"cells": len(set(cells)), "price": float(c),
                         "accuracy": acc, "mean_steps": steps, "matched_fixed_steps": matched,
                         "steps_saved_vs_matched": 1 - steps / matched}  # fmt: skip
         out[name] = best
@@ -291,7 +282,7 @@ def main() -> None:
     hist = torch.bincount(idx, minlength=len(u)).float()
     gen = torch.Generator().manual_seed(0)
     rand = torch.multinomial(hist / hist.sum(), len(held_out), replacement=True, generator=gen)
-    kinds = [template(p) for p in held_out]
+    kinds = [parse_prompt(p).template for p in held_out]
     per_template = {}
     for t in TEMPLATES:
         m = torch.tensor([k == t for k in kinds])

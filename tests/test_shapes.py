@@ -13,6 +13,7 @@ from finetuners.shapes.world import (
     COLOR_NAMES,
     N_CELLS,
     SHAPES,
+    TEMPLATES,
     VOCABULARY,
     Obj,
     PromptSpec,
@@ -50,6 +51,7 @@ def test_prompts_are_compositional():
     assert not two.satisfied_by([red])  # missing object
     assert not one.satisfied_by([blue, red])  # an extra object
     assert parse_prompt("A Blue  Square.") == one
+    assert (one.template, parse_prompt("a blue square on the left").template, two.template) == TEMPLATES
     assert parse_prompt("a zebra") is None and parse_prompt("a red circle near a cat") is None
     assert valid_placements(parse_prompt("a red circle in the center")) == [(4,)]
     assert len(valid_placements(parse_prompt("a red circle above a blue square"))) == 3 * 3 * 3  # rows 0<1<2 pairs

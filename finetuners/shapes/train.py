@@ -121,11 +121,6 @@ def loss_weight(snr: torch.Tensor, min_snr_gamma: float, high_noise_weight: floa
     return snr.clamp(max=min_snr_gamma) / snr * (1 / snr).clamp(1.0, max(1.0, high_noise_weight))
 
 
-def _template(prompt: str) -> str:
-    spec = parse_prompt(prompt)
-    return "relation" if spec.relation else "position" if spec.position else "object"
-
-
 def partial_caption_ids(specs: list, tokenizer) -> torch.Tensor:
     """Token ids [N, 2, MAX_TOKENS] of each caption's partial captions (``world.partial_captions``): object 1
     alone and object 2 alone; for a one-object caption, its object alone (no position) twice. Each distinct
@@ -328,7 +323,7 @@ def train(config: TrainConfig, out: Path, device: str = "cpu", resume: Path | No
             hits = prompt_accuracy(probe, imgs.to(device).float(), prompts)
         acc = hits.mean().item()
         report[f"accuracy_{config.eval_steps}steps_cfg{guidance:g}"] = acc
-        kinds = [_template(p) for p in prompts]
+        kinds = [parse_prompt(p).template for p in prompts]
         report[f"accuracy_by_template_cfg{guidance:g}"] = {
             k: hits[[i for i, kk in enumerate(kinds) if kk == k]].mean().item() for k in sorted(set(kinds))
         }

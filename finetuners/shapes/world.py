@@ -47,6 +47,7 @@ POSITIONS = {  # single-object position words -> allowed cells (row-major, row 0
     "in the center": {(GRID // 2) * GRID + GRID // 2},
 }
 RELATIONS = ("above", "below", "to the left of", "to the right of")
+TEMPLATES = ("object", "position", "relation")  # a PromptSpec's template, in the order of TEMPLATE_WEIGHTS
 # Template mix of the training distribution: P(one object), P(one object + position), P(two objects).
 TEMPLATE_WEIGHTS = (0.3, 0.3, 0.4)
 VOCABULARY = (
@@ -79,6 +80,11 @@ class PromptSpec:
     objects: tuple[tuple[str, str], ...]  # (shape, colour) per object
     position: str | None = None  # key of POSITIONS, one-object prompts only
     relation: str | None = None  # one of RELATIONS, two-object prompts only
+
+    @property
+    def template(self) -> str:
+        """Which caption template this is: one of ``TEMPLATES``."""
+        return "relation" if self.relation else "position" if self.position else "object"
 
     def cells_ok(self, cells: tuple[int, ...]) -> bool:
         """Whether objects placed in ``cells`` (same order as ``objects``) satisfy the constraint."""
