@@ -17,7 +17,8 @@ fi
 if [ ! -x /usr/bin/chromium ]; then
   echo "note: /usr/bin/chromium is missing, browser tests will be skipped (apt-get install chromium)" >&2
 fi
-# One torch thread in the test process: the apps and trainers it starts run beside it on the other core, and
+# One torch thread per test process, and two test processes (pytest-xdist; FINETUNERS_TEST_WORKERS=0 runs in one):
+# many tests spend their time waiting on an app or trainer they started, which then runs beside the other worker.
 # OpenMP threads that outnumber free cores spin at every barrier (measured: a 30 s test took over 600 s).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-exec .venv/bin/python -m pytest "$@"
+exec .venv/bin/python -m pytest -n "${FINETUNERS_TEST_WORKERS:-2}" --dist worksteal "$@"
