@@ -186,6 +186,9 @@ def main() -> None:
     ap.add_argument("--model", default="shapes", help="a pipeline, or a run's checkpoint run:NAME/step-N")
     ap.add_argument("--runs", type=Path, default=Path("runs"), help="runs folder for --model run:NAME/step-N")
     ap.add_argument("--n-eval", type=int, default=1000)
+    ap.add_argument("--three-share", type=float, default=0.0,
+                    help="fraction of the held-out prompts drawn as three-object captions (world.random_spec); 0 is "
+                    "the default world's evaluation list")  # fmt: skip
     ap.add_argument("--protocol", choices=("crossfit", "separate"), default="crossfit",
                     help="crossfit: 2 folds of the held-out prompts by prompt string, each read out by the policy "
                     "trained on the other; separate: --n-train other prompts × --seeds")  # fmt: skip
@@ -199,6 +202,7 @@ def main() -> None:
     ap.add_argument("--sampler", default="ddim-trailing")
     ap.add_argument("--guidance", type=float, default=3.0)
     ap.add_argument("--quality", default="shapes-accuracy", help="IQS: a reward name")
+    ap.add_argument("--probe", type=Path, default=None, help="the probe folder of the Shapes IQS (default: shipped)")
     ap.add_argument("--quality-weight", type=float, default=1.0, help="λ")
     ap.add_argument("--top-k", type=int, default=None)
     ap.add_argument("--flat-rows", choices=adadiff.FLAT_ROWS, default="fewest")
@@ -218,10 +222,10 @@ def main() -> None:
                                    loss=args.loss, epochs=args.epochs, seed=args.policy_seed)  # fmt: skip
     args.candidates = list(config.candidates)
     pipe = load_pipeline(args.model, "cpu", runs_root=args.runs)
-    held_out = eval_prompts(args.n_eval)
+    held_out = eval_prompts(args.n_eval, three_share=args.three_share)
     eval_ladder = cached_ladder(pipe, "eval", held_out, torch.arange(len(held_out))[:, None], args, args.cache)
-    iqs = adadiff.make_iqs(args.quality)
-    accuracy = adadiff.make_iqs("shapes-accuracy")
+    iqs = adadiff.make_iqs(args.quality, weights=args.probe)
+    accuracy = adadiff.make_iqs("shapes-accuracy", weights=args.probe)
     eval_acc = score(eval_ladder, accuracy)[:, 0]  # [P, N]
     features = adadiff.text_features(pipe, held_out)
     u = torch.tensor(config.candidates, dtype=torch.float32)
@@ -286,6 +290,8 @@ def main() -> None:
     per_template = {}
     for t in TEMPLATES:
         m = torch.tensor([k == t for k in kinds])
+        if not m.any():
+            continue
         per_template[t] = {
             "n": int(m.sum()),
             "mean_steps": float(u[idx[m]].mean()),

@@ -454,14 +454,15 @@ def build_quality_table(pipe, prompts: Sequence[str], candidates: Sequence[int],
 IQS_ALIASES = {"shapes-probability": ("shapes-probe", torch.exp)}  # P(image satisfies prompt) ∈ [0, 1]: a soft accuracy
 
 
-def make_iqs(name: str, device=None) -> Callable:
+def make_iqs(name: str, device=None, weights=None) -> Callable:
     """A reward from the registry (or an ``IQS_ALIASES`` name) as an IQS ``fn(images, prompts) -> [B]``, no
     gradients. "shapes-probability" is the probe's probability that the image satisfies the prompt: exact accuracy
-    made continuous, so that few seeds do not leave every u tied (§3.5, noisy IQS)."""
+    made continuous, so that few seeds do not leave every u tied (§3.5, noisy IQS). ``weights``: the reward's weights
+    folder (for the Shapes rewards, another probe than the shipped one)."""
     from .rewards import make_reward
 
     base, transform = IQS_ALIASES.get(name, (name, None))
-    reward = make_reward(base, device=device)
+    reward = make_reward(base, device=device, weights=weights)
 
     @torch.no_grad()
     def iqs(images, prompts):

@@ -58,7 +58,14 @@ log = logging.getLogger(__name__)
 PROBE_IMAGE_SIZE = 32  # the Shapes probe reads 32×32 images; others are area-resized to it
 _OBJECTS = [(s, c) for s in SHAPES for c in COLOR_NAMES]
 N_OBJECTS = len(_OBJECTS)  # 18 (shape, colour) kinds
-MAX_OBJECTS = 2  # a Shapes caption names one or two objects
+MAX_OBJECTS = 2  # a caption of the default Shapes mix names one or two objects
+
+
+def _spec(prompt):
+    """The caption's PromptSpec where these prompt features describe it: the default mix's templates. A three-object
+    caption (outside that mix) counts as not a Shapes caption: only the quality term scores it."""
+    spec = parse_prompt(prompt) if isinstance(prompt, str) else None
+    return spec if spec is not None and len(spec.objects) <= MAX_OBJECTS else None
 
 
 # -- prompt embeddings -------------------------------------------------------------------------------------
@@ -72,7 +79,7 @@ def shapes_prompt_embedding(prompts: Sequence[str]) -> torch.Tensor:
 
     Layout: bag of requested (shape, colour) objects (18) | shapes (3) | colours (6) | position (5) |
     relation (4) | one object, two objects, not a Shapes caption (3). A caption that does not parse gets
-    only the last flag (the prompt term then carries no signal)."""
+    only the last flag (the prompt term then carries no signal), and so does a three-object caption."""
     out = torch.zeros(len(prompts), ATTRIBUTE_DIM)
     o_shape = N_OBJECTS
     o_color = o_shape + len(SHAPES)
@@ -80,7 +87,7 @@ def shapes_prompt_embedding(prompts: Sequence[str]) -> torch.Tensor:
     o_rel = o_pos + len(POSITIONS)
     o_flag = o_rel + len(RELATIONS)
     for b, prompt in enumerate(prompts):
-        spec = parse_prompt(prompt) if isinstance(prompt, str) else None
+        spec = _spec(prompt)
         if spec is None:
             out[b, o_flag + 2] = 1
             continue
@@ -103,7 +110,7 @@ def shapes_object_tokens(prompts: Sequence[str]) -> torch.Tensor:
     out = torch.zeros(len(prompts), MAX_OBJECTS, OBJECT_TOKEN_DIM)
     mask = torch.zeros(len(prompts), MAX_OBJECTS)
     for b, prompt in enumerate(prompts):
-        spec = parse_prompt(prompt) if isinstance(prompt, str) else None
+        spec = _spec(prompt)
         if spec is None:
             continue
         for k, obj in enumerate(spec.objects[:MAX_OBJECTS]):

@@ -116,6 +116,10 @@ def test_prompt_embeddings():
         above_subject[:18].argmax() != above_object[:18].argmax() and above_subject[23] == 1 and above_object[24] == 1
     )
     assert t[1, 18 + 0] == 1  # "on the left" is the first position word
+    # a three-object caption is outside the features' world: encoded as a caption that does not parse
+    three = "a red circle, a blue square and a green triangle"
+    assert torch.equal(shapes_prompt_embedding([three]), shapes_prompt_embedding(["a zebra"]))
+    assert shapes_object_tokens([three]).sum() == 0
 
 
 def test_cell_features_read_the_probe():

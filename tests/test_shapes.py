@@ -19,6 +19,7 @@ from finetuners.shapes.world import (
     PromptSpec,
     caption,
     cell_targets,
+    eval_prompts,
     make_dataset,
     parse_prompt,
     partial_captions,
@@ -51,10 +52,40 @@ def test_prompts_are_compositional():
     assert not two.satisfied_by([red])  # missing object
     assert not one.satisfied_by([blue, red])  # an extra object
     assert parse_prompt("A Blue  Square.") == one
-    assert (one.template, parse_prompt("a blue square on the left").template, two.template) == TEMPLATES
+    three = parse_prompt("a red circle, a blue square and a green triangle")
+    kinds = (one.template, parse_prompt("a blue square on the left").template, two.template, three.template)
+    assert kinds == TEMPLATES
     assert parse_prompt("a zebra") is None and parse_prompt("a red circle near a cat") is None
     assert valid_placements(parse_prompt("a red circle in the center")) == [(4,)]
     assert len(valid_placements(parse_prompt("a red circle above a blue square"))) == 3 * 3 * 3  # rows 0<1<2 pairs
+
+
+def test_three_object_captions_parse_check_and_stay_out_of_the_default_mix():
+    """The fourth template: three distinct objects in any cells, drawn only when asked for (``three_share``)."""
+    spec = parse_prompt("A red circle, a blue square, and a green triangle.")  # the serial comma is accepted
+    assert spec == parse_prompt("a red circle, a blue square and a green triangle") and spec.template == "three"
+    assert caption(spec) == "a red circle, a blue square and a green triangle"
+    assert parse_prompt("a red circle, a red circle and a blue square") is None  # the objects must differ
+    assert parse_prompt("a red circle, a blue zebra and a green triangle") is None
+    objs = [Obj("circle", "red", 8), Obj("square", "blue", 0), Obj("triangle", "green", 4)]
+    assert spec.satisfied_by(objs) and spec.satisfied_by(objs[::-1])
+    assert not spec.satisfied_by(objs[:2])  # a missing object
+    assert not spec.satisfied_by([*objs, Obj("circle", "white", 2)])  # an extra one
+    assert not spec.satisfied_by([*objs[:2], Obj("triangle", "red", 4)])  # a wrong colour
+    assert len(valid_placements(spec)) == 9 * 8 * 7
+    samples = make_dataset(400, seed=0, three_share=0.5)
+    for s in samples:
+        assert parse_prompt(s.caption) == s.spec and s.spec.satisfied_by(s.objects)
+    assert 160 <= sum(s.spec.template == "three" for s in samples) <= 240
+    # Outside the default mix: the default world's lists are what they always were, with no three-object caption.
+    assert eval_prompts(4) == [
+        "a green triangle",
+        "a purple square to the right of a blue triangle",
+        "a green circle on the left",
+        "a white square to the right of a green triangle",
+    ]
+    assert eval_prompts(300) == eval_prompts(300, three_share=0.0)
+    assert all(parse_prompt(c).template != "three" for c in eval_prompts(300))
 
 
 def test_partial_captions_name_one_object_each():
@@ -89,6 +120,7 @@ def test_tokenizer_keeps_every_world_word_whole(tmp_path):
     for word in VOCABULARY:
         assert len(tok(word).input_ids) == 3, word  # BOS, the word, EOS
     assert len(tok("a yellow triangle to the right of a purple square").input_ids) == 12
+    assert len(tok("a red circle, a blue square and a green triangle").input_ids) == 15  # "and": a, n, d
     assert len(tok("a zebra").input_ids) > 4  # unknown words still encode, character by character
 
 
@@ -124,6 +156,12 @@ def test_read_scene_and_log_prob_on_constructed_logits():
     log_true = 9 * np.log(np.exp(8) / (np.exp(8) + 3)) + 2 * np.log(np.exp(8) / (np.exp(8) + 5))
     assert good.item() == pytest.approx(log_true, rel=1e-3)
     assert bad.item() < -5
+    # three objects: the same sum over 9 · 8 · 7 placements, dominated by the true one
+    objs3 = [*objs, Obj("triangle", "green", 4)]
+    caption3 = "a blue square, a green triangle and a red circle"
+    three = prompt_log_prob(_FixedProbe(_logits_for(objs3)), image, [caption3])
+    log_true3 = 9 * np.log(np.exp(8) / (np.exp(8) + 3)) + 3 * np.log(np.exp(8) / (np.exp(8) + 5))
+    assert three.item() == pytest.approx(log_true3, rel=1e-3)
     # uniform logits: P(satisfy) = Σ_placements Π cells, computed by hand
     uniform = _FixedProbe((torch.zeros(1, N_CELLS, N_SHAPE_CLASSES), torch.zeros(1, N_CELLS, len(COLOR_NAMES))))
     p_empty, p_obj = 1 / N_SHAPE_CLASSES, 1 / N_SHAPE_CLASSES / len(COLOR_NAMES)
@@ -183,14 +221,24 @@ def test_training_script_smoke_with_relation_share_and_high_noise_weight(tmp_pat
     from finetuners.shapes.train import main
 
     main(["--preset", "smoke", "--out", str(tmp_path), "--relation-share", "0.5", "--high-noise-weight", "200",
-          "--partial-caption-share", "0.5"])  # fmt: skip
+          "--partial-caption-share", "0.5", "--three-object-share", "0.25"])  # fmt: skip
     report = json.loads((tmp_path / "training.json").read_text())
     assert report["config"]["relation_share"] == 0.5 and report["config"]["high_noise_weight"] == 200
-    assert report["config"]["partial_caption_share"] == 0.5
+    assert report["config"]["partial_caption_share"] == 0.5 and report["config"]["three_object_share"] == 0.25
+    assert "three" in report["accuracy_by_template_cfg3"]  # the evaluation prompts hold three-object captions too
     assert report["unet_steps_done"] == 20 and 0 <= report["accuracy_4steps_cfg3"] <= 1
     pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "shapes-sd"), use_safetensors=True)
     assert pipe.unet.config.sample_size == 8
     assert (tmp_path / "shapes-probe").is_dir()
+
+    # --resume keeps the probe byte for byte, unless asked to continue it (--resume-probe-steps)
+    probe_bytes = (tmp_path / "shapes-probe" / "model.safetensors").read_bytes()
+    for steps in (0, 5):
+        out = tmp_path / f"resumed-{steps}"
+        main(["--preset", "smoke", "--resume", str(tmp_path), "--out", str(out), "--resume-probe-steps", str(steps)])
+        again = json.loads((out / "training.json").read_text())
+        assert again["resumed_from"]["path"] == str(tmp_path) and again["config"]["resume_probe_steps"] == steps
+        assert ((out / "shapes-probe" / "model.safetensors").read_bytes() == probe_bytes) == (steps == 0)
 
 
 @pytest.mark.parametrize(
@@ -199,7 +247,9 @@ def test_training_script_smoke_with_relation_share_and_high_noise_weight(tmp_pat
      ("--partial-caption-share", "-0.1", "--partial-caption-share must be between 0 and 1"),
      ("--high-noise-weight", "0.5", "--high-noise-weight must be at least 1"),
      ("--unet-steps", "0", "--unet-steps must be at least 1"),
-     ("--unet-lr", "0", "--unet-lr must be positive")],
+     ("--unet-lr", "0", "--unet-lr must be positive"),
+     ("--three-object-share", "2", "--three-object-share must be between 0 and 1"),
+     ("--resume-probe-steps", "-1", "--resume-probe-steps must be at least 0")],
 )  # fmt: skip
 def test_training_script_rejects_out_of_range_overrides(tmp_path, capsys, flag, value, message):
     from finetuners.shapes.train import main

@@ -70,6 +70,10 @@ class TrainConfig:
     # probability, as real captions leave things out. Then a one-object caption has density on two-object images,
     # which SuperDiff's AND needs to compose two prompts (docs/BENCHMARKS.md, "Superpose").
     partial_caption_share: float = 0.0
+    # >0: this fraction of the dataset (and of the evaluation prompts) is three-object captions, the template outside
+    # the default mix (world.random_spec); 0 renders exactly the default world.
+    three_object_share: float = 0.0
+    resume_probe_steps: int = 0  # with --resume: continue the earlier probe this many steps (0 keeps it as it is)
 
 
 SHAPES_DEFAULTS = ModelDefaults(sampler="ddim", steps=20, guidance=3.0)
@@ -152,7 +156,7 @@ def train(config: TrainConfig, out: Path, device: str = "cpu", resume: Path | No
         report["resumed_from"] = earlier | {"path": str(resume)}  # the whole history, one level per stage
 
     # 1. data ---------------------------------------------------------------------------------------
-    data = make_dataset(config.n_images, seed=config.seed)
+    data = make_dataset(config.n_images, seed=config.seed, three_share=config.three_object_share)
     images = torch.from_numpy(np.stack([s.image for s in data])).permute(0, 3, 1, 2).contiguous()  # uint8
     captions = [s.caption for s in data]
     targets = [cell_targets(s.objects) for s in data]
@@ -208,8 +212,8 @@ def train(config: TrainConfig, out: Path, device: str = "cpu", resume: Path | No
     probe = ShapesProbe.load(resume / "shapes-probe", device) if resume is not None else ShapesProbe().to(device)
     probe.requires_grad_(True)
     opt = torch.optim.AdamW(probe.parameters(), lr=config.probe_lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(100, config.probe_steps))
-    probe_steps = 0 if resume is not None else config.probe_steps
+    probe_steps = config.resume_probe_steps if resume is not None else config.probe_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(min(100, probe_steps), probe_steps))
     for step, idx in zip(range(probe_steps), _batches(len(data), config.probe_batch, gen)):
         x = to_unit(idx)
         with torch.no_grad():  # half of each batch through the VAE: the probe must read decoded images
@@ -222,11 +226,11 @@ def train(config: TrainConfig, out: Path, device: str = "cpu", resume: Path | No
         loss.backward()
         opt.step()
         sched.step()
-        if step % 250 == 0 or step == config.probe_steps - 1:
-            log.info("probe %d/%d loss %.4f", step, config.probe_steps, loss.item())
+        if step % 250 == 0 or step == probe_steps - 1:
+            log.info("probe %d/%d loss %.4f", step, probe_steps, loss.item())
     probe.eval().requires_grad_(False)
     probe.save(out / "shapes-probe")
-    held_out = make_dataset(config.probe_heldout, seed=config.seed + 10_000)
+    held_out = make_dataset(config.probe_heldout, seed=config.seed + 10_000, three_share=config.three_object_share)
     with torch.no_grad():
         x = torch.from_numpy(np.stack([s.image for s in held_out])).permute(0, 3, 1, 2).to(device).float() / 255
         report["probe_heldout_accuracy"] = prompt_accuracy(probe, x, [s.spec for s in held_out]).mean().item()
@@ -314,7 +318,7 @@ def train(config: TrainConfig, out: Path, device: str = "cpu", resume: Path | No
 
     # 5. save and evaluate --------------------------------------------------------------------------
     pipe = _save_pipeline(out, vae, text_encoder, tokenizer, unet, _defaults(config))
-    prompts = eval_prompts(config.eval_prompts)
+    prompts = eval_prompts(config.eval_prompts, three_share=config.three_object_share)
     for guidance in (1.0, 3.0, 5.0):
         pipe.set_progress_bar_config(disable=True)
         with torch.no_grad():
@@ -367,6 +371,8 @@ OVERRIDE_RANGES = {
     "high_noise_weight": (lambda v: v >= 1, "at least 1 (1 = plain ε loss)"),
     "relation_share": (lambda v: 0 <= v <= 1, "between 0 and 1"),
     "partial_caption_share": (lambda v: 0 <= v <= 1, "between 0 and 1"),
+    "three_object_share": (lambda v: 0 <= v <= 1, "between 0 and 1"),
+    "resume_probe_steps": (lambda v: v >= 0, "at least 0"),
 }
 
 
@@ -382,6 +388,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--high-noise-weight", type=float, help="cap of the x0-error weighting at SNR < 1 (1 = off)")
     p.add_argument("--relation-share", type=float, help="fraction of each UNet batch drawn from relation captions")
     p.add_argument("--partial-caption-share", type=float, help="P(a two-object image gets a one-object caption)")
+    p.add_argument("--three-object-share", type=float, help="fraction of the data captioned with three objects")
+    p.add_argument("--resume-probe-steps", type=int, help="with --resume: continue its probe this many steps")
     p.add_argument("--resume", type=Path, help="continue the UNet of an earlier --out (keeps its VAE and probe)")
     args = p.parse_args(argv)
     overrides = {field: getattr(args, field) for field in OVERRIDE_RANGES if getattr(args, field) is not None}

@@ -7,6 +7,10 @@ A scene is one or two coloured shapes on a dark background, each sitting in one 
     "a red circle on the left" / "... in the center"   one object, constrained cell
     "a red circle above a blue square"           two objects and a spatial relation
 
+and, outside the default mix (``three_share``), a fourth that asks for more of the sampler:
+
+    "a red circle, a blue square and a green triangle"   three objects, any cells
+
 Everything is a pure function of a seed (``numpy.random.Generator``), so a dataset replays exactly.
 ``parse_prompt`` turns a caption back into a :class:`PromptSpec` whose ``satisfied_by`` checks a scene
 read back by the probe (``finetuners.shapes.probe``).
@@ -47,8 +51,10 @@ POSITIONS = {  # single-object position words -> allowed cells (row-major, row 0
     "in the center": {(GRID // 2) * GRID + GRID // 2},
 }
 RELATIONS = ("above", "below", "to the left of", "to the right of")
-TEMPLATES = ("object", "position", "relation")  # a PromptSpec's template, in the order of TEMPLATE_WEIGHTS
-# Template mix of the training distribution: P(one object), P(one object + position), P(two objects).
+TEMPLATES = ("object", "position", "relation", "three")  # a PromptSpec's template; the first three as TEMPLATE_WEIGHTS
+# Template mix of the training distribution: P(one object), P(one object + position), P(two objects). Three-object
+# captions are outside it: ``random_spec(rng, three_share=s)`` draws one with probability s, and with s = 0 (the
+# default) draws exactly what it always has, so every dataset and evaluation set replays.
 TEMPLATE_WEIGHTS = (0.3, 0.3, 0.4)
 VOCABULARY = (
     "a", "on", "the", "at", "in", "to", "of", "left", "right", "top", "bottom", "center",
@@ -84,6 +90,8 @@ class PromptSpec:
     @property
     def template(self) -> str:
         """Which caption template this is: one of ``TEMPLATES``."""
+        if len(self.objects) == 3:
+            return "three"
         return "relation" if self.relation else "position" if self.position else "object"
 
     def cells_ok(self, cells: tuple[int, ...]) -> bool:
@@ -124,6 +132,8 @@ def caption(spec: PromptSpec) -> str:
         return f"{words[0]} {spec.relation} {words[1]}"
     if spec.position is not None:
         return f"{words[0]} {spec.position}"
+    if len(words) == 3:
+        return f"{words[0]}, {words[1]} and {words[2]}"
     return words[0]
 
 
@@ -136,6 +146,7 @@ _OBJ = r"an? (\w+) (\w+)"
 _RE_TWO = re.compile(rf"^{_OBJ} ({'|'.join(RELATIONS)}) {_OBJ}$")
 _RE_POS = re.compile(rf"^{_OBJ} ({'|'.join(POSITIONS)})$")
 _RE_ONE = re.compile(rf"^{_OBJ}$")
+_RE_THREE = re.compile(rf"^{_OBJ} ?, {_OBJ},? and {_OBJ}$")
 
 
 def parse_prompt(text: str) -> PromptSpec | None:
@@ -154,15 +165,26 @@ def parse_prompt(text: str) -> PromptSpec | None:
     if m := _RE_ONE.match(text):
         a = obj(m[1], m[2])
         return PromptSpec((a,)) if a else None
+    if m := _RE_THREE.match(text):
+        objs = (obj(m[1], m[2]), obj(m[3], m[4]), obj(m[5], m[6]))
+        return PromptSpec(objs) if all(objs) and len(set(objs)) == 3 else None
     return None
 
 
-def random_spec(rng: np.random.Generator) -> PromptSpec:
-    """Draw a caption from the training distribution (TEMPLATE_WEIGHTS)."""
-    kind = rng.choice(3, p=TEMPLATE_WEIGHTS)
+def random_spec(rng: np.random.Generator, three_share: float = 0.0) -> PromptSpec:
+    """Draw a caption from the training distribution (TEMPLATE_WEIGHTS); with ``three_share`` > 0, a three-object
+    caption (three distinct objects, any cells) with that probability instead."""
 
     def one() -> tuple[str, str]:
         return SHAPES[rng.integers(len(SHAPES))], COLOR_NAMES[rng.integers(len(COLOR_NAMES))]
+
+    if three_share > 0 and rng.random() < three_share:
+        objs = [one()]
+        while len(objs) < 3:
+            if (o := one()) not in objs:
+                objs.append(o)
+        return PromptSpec(tuple(objs))
+    kind = rng.choice(3, p=TEMPLATE_WEIGHTS)
 
     if kind == 0:
         return PromptSpec((one(),))
@@ -227,16 +249,18 @@ class Sample:
     image: np.ndarray  # uint8 [H, W, 3]
 
 
-def make_sample(rng: np.random.Generator, spec: PromptSpec | None = None, domain: str = "shapes") -> Sample:
-    spec = spec if spec is not None else random_spec(rng)
+def make_sample(
+    rng: np.random.Generator, spec: PromptSpec | None = None, domain: str = "shapes", three_share: float = 0.0
+) -> Sample:
+    spec = spec if spec is not None else random_spec(rng, three_share)
     objects = place(spec, rng)
     return Sample(caption(spec), spec, objects, render(objects, rng, domain))
 
 
-def make_dataset(n: int, seed: int, domain: str = "shapes") -> list[Sample]:
-    """``n`` samples of ``domain`` (a key of ``DOMAINS``), a pure function of ``seed``."""
+def make_dataset(n: int, seed: int, domain: str = "shapes", three_share: float = 0.0) -> list[Sample]:
+    """``n`` samples of ``domain`` (a key of ``DOMAINS``), a pure function of ``seed`` (and ``three_share``)."""
     rng = np.random.default_rng(seed)
-    return [make_sample(rng, domain=domain) for _ in range(n)]
+    return [make_sample(rng, domain=domain, three_share=three_share) for _ in range(n)]
 
 
 def cell_targets(objects: list[Obj]) -> tuple[np.ndarray, np.ndarray]:
@@ -249,7 +273,7 @@ def cell_targets(objects: list[Obj]) -> tuple[np.ndarray, np.ndarray]:
     return shape, color
 
 
-def eval_prompts(n: int, seed: int = 12345) -> list[str]:
+def eval_prompts(n: int, seed: int = 12345, three_share: float = 0.0) -> list[str]:
     """A fixed list of captions from the training distribution, for evaluation tables."""
     rng = np.random.default_rng(seed)
-    return [caption(random_spec(rng)) for _ in range(n)]
+    return [caption(random_spec(rng, three_share)) for _ in range(n)]
