@@ -178,23 +178,21 @@ def random_spec(rng: np.random.Generator, three_share: float = 0.0) -> PromptSpe
     def one() -> tuple[str, str]:
         return SHAPES[rng.integers(len(SHAPES))], COLOR_NAMES[rng.integers(len(COLOR_NAMES))]
 
-    if three_share > 0 and rng.random() < three_share:
+    def distinct(n: int) -> tuple[tuple[str, str], ...]:  # n different objects, a repeat drawn again
         objs = [one()]
-        while len(objs) < 3:
+        while len(objs) < n:
             if (o := one()) not in objs:
                 objs.append(o)
-        return PromptSpec(tuple(objs))
-    kind = rng.choice(3, p=TEMPLATE_WEIGHTS)
+        return tuple(objs)
 
+    if three_share > 0 and rng.random() < three_share:
+        return PromptSpec(distinct(3))
+    kind = rng.choice(3, p=TEMPLATE_WEIGHTS)
     if kind == 0:
         return PromptSpec((one(),))
     if kind == 1:
         return PromptSpec((one(),), position=list(POSITIONS)[rng.integers(len(POSITIONS))])
-    a = one()
-    b = one()
-    while b == a:
-        b = one()
-    return PromptSpec((a, b), relation=RELATIONS[rng.integers(len(RELATIONS))])
+    return PromptSpec(distinct(2), relation=RELATIONS[rng.integers(len(RELATIONS))])
 
 
 def place(spec: PromptSpec, rng: np.random.Generator) -> list[Obj]:
