@@ -4,7 +4,9 @@
         [--candidates 1 2 3 4 6 8] [--sampler ddim-trailing] [--guidance 3] [--cache bench/.cache] [--fold-seeds 4]
 
 Held-out prompts: ``eval_prompts(n_eval)`` (seed 12345, the list bench/eval_shapes.py uses; prompt i at seed i).
-Training prompts: distinct captions from the training distribution, none of them among the held-out ones. Every
+Protocol ``crossfit`` (the default): each half of the held-out prompts is read out by the policy trained on the
+other half (no caption in both). Protocol ``separate``: the policy trains on ``--n-train`` prompts drawn in the
+world's mix at seeds from 10^6, as the Adaptive steps tab and ``adapt-train`` train (the shipped policy is one). Every
 prompt's ladder (its image at every candidate step count) is rendered once and cached under ``--cache`` (images as
 uint8, keyed by the model's weights); the policy trains on the training ladder's reward table (ALGORITHMS.md §3.2)
 and is read out by argmax on the held-out prompts, whose ladder gives both the fixed-step accuracies and the adaptive
@@ -191,7 +193,8 @@ def main() -> None:
                     "the default world's evaluation list")  # fmt: skip
     ap.add_argument("--protocol", choices=("crossfit", "separate"), default="crossfit",
                     help="crossfit: 2 folds of the held-out prompts by prompt string, each read out by the policy "
-                    "trained on the other; separate: --n-train other prompts × --seeds")  # fmt: skip
+                    "trained on the other; separate: --n-train prompts drawn in the world's mix (captions may repeat "
+                    "held-out ones, images never do) × --seeds, as the tab and adapt-train train")  # fmt: skip
     ap.add_argument("--fold-seeds", type=int, default=0,
                     help="crossfit: render every distinct held-out prompt at this many further seeds; each fold's "
                     "policy trains on its prompts' seed-averaged ladder (ALGORITHMS.md §3.2's S) instead of their "
@@ -231,6 +234,7 @@ def main() -> None:
     u = torch.tensor(config.candidates, dtype=torch.float32)
     idx = torch.zeros(len(held_out), dtype=torch.int64)
     t0 = time.perf_counter()
+    overlap = None  # separate protocol: the share of held-out prompts whose caption is a training prompt too
     if args.protocol == "crossfit":
         # two folds by prompt string: each held-out prompt is read out by the policy trained on the other fold
         eval_q = score(eval_ladder, iqs)[:, 0] if args.quality != "shapes-accuracy" else eval_acc
@@ -258,11 +262,14 @@ def main() -> None:
             idx[te] = policy.probs(features[te]).argmax(-1)
             if f == 0 and args.save:
                 adadiff.save_policy(args.save, policy, config, {"model": args.model, "bench": "adadiff_shapes fold 0"})
-    else:  # separate training prompts (none among the held-out ones), S seeds each
-        train = adadiff.training_prompts(args.n_train, exclude=held_out)
-        assert not set(train) & set(held_out)
-        train_ladder = cached_ladder(pipe, "train", train, adadiff.ladder_seeds(len(train), args.seeds, 10**6), args,
-                                     args.cache)  # fmt: skip
+    else:  # training prompts drawn in the world's mix (captions may repeat held-out ones), S seeds each from 10^6
+        train = adadiff.training_prompts(args.n_train, three_share=args.three_share)
+        seen = set(train)
+        overlap = sum(p in seen for p in held_out) / len(held_out)
+        print(f"held-out prompts whose caption is among the training prompts: {100 * overlap:.1f}% (their images "
+              "are not)", file=sys.stderr)  # fmt: skip
+        train_ladder = cached_ladder(pipe, "train", train, adadiff.ladder_seeds(len(train), args.seeds,
+                                     adadiff.TRAIN_SEED_BASE), args, args.cache)  # fmt: skip
         train_ladder.scores = score(train_ladder, iqs)
         rewards = adadiff.config_rewards(train_ladder.quality, config)
         result = adadiff.train_policy(adadiff.text_features(pipe, train), rewards, config)
@@ -270,8 +277,8 @@ def main() -> None:
         idx = torch.tensor([config.candidates.index(c) for c in chosen])
         n_train = [len(train)]
         if args.save:
-            adadiff.save_policy(args.save, result.policy, config, {"model": args.model, "bench": "adadiff_shapes"},
-                                train_ladder)  # fmt: skip
+            meta = {"model": args.model, "prompts": len(train), "bench": "adadiff_shapes --protocol separate"}
+            adadiff.save_policy(args.save, result.policy, config, meta, train_ladder)
     train_s = time.perf_counter() - t0
     rows = torch.arange(len(held_out))
     ada_acc = float(eval_acc[rows, idx].mean())
@@ -301,7 +308,7 @@ def main() -> None:
     figures = {
         "model": args.model, "weights": weights_key(args.model, args.runs), "candidates": list(config.candidates),
         "sampler": args.sampler, "guidance": args.guidance, "n_eval": len(held_out), "n_train": n_train,
-        "protocol": args.protocol,
+        "protocol": args.protocol, "held_out_captions_in_training": overlap,
         "config": config.to_dict(), "fixed_accuracy": fixed, "adaptive_accuracy": ada_acc,
         "adaptive_mean_steps": ada_steps, "adaptive_nfe_per_image": ada_steps * (2 if args.guidance > 1 else 1),
         "matched_fixed_steps": matched, "steps_saved_vs_matched": saving, "fixed_steps_at_equal_accuracy": equal,

@@ -16,8 +16,9 @@
     accelerate launch --multi_gpu --num_processes 2 -m finetuners train --run runs/multi --epochs 10
 
     # AdaDiff: a policy that picks the step count per prompt, then sampling with it
-    python -m finetuners adapt-train --out data/policies/shapes --prompts 600 --candidates 1 2 3 4 6 8
-    python -m finetuners sample --adaptive data/policies/shapes --prompt "a red circle above a blue square"
+    python -m finetuners sample --adaptive shapes --prompt "a red circle above a blue square"   # the shipped policy
+    python -m finetuners adapt-train --out data/policies/mine --prompts 600 --candidates 1 2 3 4 6 8
+    python -m finetuners sample --adaptive data/policies/mine --prompt "a red circle above a blue square"
 
 Bad input prints one line on stderr and exits with status 2; nothing is written.
 """
@@ -71,9 +72,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
         record_pred_x0=args.strip,
     )
     if args.adaptive:  # AdaDiff: the policy picks the step count (--steps is ignored)
-        from .adadiff import generate_adaptive, load_policy
+        from .adadiff import generate_adaptive, load_policy, policy_arg
 
-        policy = load_policy(args.adaptive)[0]
+        policy = load_policy(policy_arg(args.adaptive))[0]
         result = generate_adaptive(pipe, policy, request)
         probs = ", ".join(f"{u}: {p:.2f}" for u, p in zip(policy.candidates, result.info["adaptive_probs"]))
         print(f"adaptive steps: {result.info['adaptive_steps']} (π = {probs})", file=sys.stderr)
@@ -95,7 +96,6 @@ def cmd_adapt_train(args: argparse.Namespace) -> int:
     """AdaDiff (ALGORITHMS.md §3): render every training prompt's ladder once, then REINFORCE on the cached table."""
     from . import adadiff as ad
     from .runs import load_pipeline
-    from .shapes.world import eval_prompts
 
     folder = ad.split_policy_arg(args.out)
     if folder.exists() and any(folder.iterdir()):
@@ -121,10 +121,10 @@ def cmd_adapt_train(args: argparse.Namespace) -> int:
             raise UserError(f"cannot read --prompt-file {args.prompt_file!r}: {getattr(e, 'strerror', None) or e}"
                             ) from e  # fmt: skip
         prompts = list(dict.fromkeys(line.strip() for line in lines if line.strip()))
-    else:  # Shapes captions, none of them among the held-out evaluation prompts
+    else:  # Shapes captions in the world's mix, rendered at seeds no evaluation uses
         if not 1 <= args.prompts <= 5000:
             raise UserError(f"--prompts must be between 1 and 5000, got {args.prompts}")
-        prompts = ad.training_prompts(args.prompts, exclude=eval_prompts(1000))
+        prompts = ad.training_prompts(args.prompts)
     if not prompts:
         raise UserError("no training prompts: --prompt-file is empty")
     iqs = ad.make_iqs(config.quality, device=args.device)
@@ -339,14 +339,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--strip", action="store_true", help="also write the per-step x̂0 strip")
-    p.add_argument("--adaptive", default=None, metavar="FOLDER", help="an AdaDiff policy folder picks the steps")
+    p.add_argument("--adaptive", default=None, metavar="FOLDER",
+                   help="an AdaDiff policy folder (or shapes, the shipped one) picks the steps")  # fmt: skip
     p.add_argument("--out", default="out")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("adapt-train", help="train an AdaDiff step-count policy into a folder")
     _add_model_args(p)
     p.add_argument("--out", required=True, help="policy folder (created; must be new or empty)")
-    p.add_argument("--prompts", type=int, default=300, help="Shapes training prompts (held-out ones excluded)")
+    p.add_argument("--prompts", type=int, default=300, help="Shapes training prompts (the world's mix)")
     p.add_argument("--prompt-file", default=None, help="training prompts, one per line (instead of Shapes ones)")
     p.add_argument(
         "--candidate-set",

@@ -52,6 +52,9 @@ MAX_STEPS = 200  # as SampleRequest's limit
 FORMAT = "finetuners.adadiff/1"
 POLICY_FILE, CONFIG_FILE, TABLE_FILE = "policy.safetensors", "config.json", "table.safetensors"
 MAX_POLICY_NAME = 64
+TRAIN_SEED_BASE = 10**6  # training ladders' seeds start here; evaluation renders prompt i at seed i
+# policies that ship in assets/, by the name the app lists them under (a saved policy of the same name wins)
+SHIPPED_POLICIES = {"shapes": "shapes-policy"}  # trained for the "shapes" model: docs/BENCHMARKS.md, Adaptive steps
 
 
 def _check_candidates(candidates) -> tuple[int, ...]:
@@ -520,13 +523,40 @@ def policy_path(root: str | Path, name: str) -> Path:
     return child_folder(root, name, "policy", MAX_POLICY_NAME, "policies")
 
 
+def shipped_policy(name) -> Path | None:
+    """The folder of the shipped policy ``name`` (``SHIPPED_POLICIES``), or None."""
+    from .models import ASSETS
+
+    return ASSETS / SHIPPED_POLICIES[name] if name in SHIPPED_POLICIES else None
+
+
+def _is_policy(folder: Path) -> bool:
+    return (folder / POLICY_FILE).is_file() and (folder / CONFIG_FILE).is_file()
+
+
+def find_policy(root: str | Path, name: str) -> Path:
+    """The folder of the policy ``name``: the one saved in ``root``, else the shipped one of that name, else
+    ``root/name`` (which ``load_policy`` reports as missing). Names that could leave ``root`` are refused."""
+    folder = policy_path(root, name)
+    if not folder.exists() and (shipped := shipped_policy(folder.name)) is not None:
+        return shipped
+    return folder
+
+
 def list_policies(root: str | Path) -> list[str]:
-    """Names of the saved policies in ``root`` (folders holding both files), sorted."""
+    """Names of the saved policies in ``root`` (folders holding both files) and of the shipped ones, sorted."""
     root = Path(root)
-    if not root.is_dir():
-        return []
-    return sorted(f.name for f in root.iterdir() if is_valid_name(f.name, MAX_POLICY_NAME)
-                  and (f / POLICY_FILE).is_file() and (f / CONFIG_FILE).is_file())  # fmt: skip
+    folders = root.iterdir() if root.is_dir() else ()
+    saved = {f.name for f in folders if is_valid_name(f.name, MAX_POLICY_NAME) and _is_policy(f)}
+    return sorted(saved | set(SHIPPED_POLICIES))
+
+
+def policy_arg(text: str | Path) -> Path:
+    """The CLI's ``--adaptive``: a policy folder, or the name of a shipped policy when no such folder exists."""
+    path = Path(text)
+    if not path.exists() and (shipped := shipped_policy(str(text))) is not None:
+        return shipped
+    return path
 
 
 def save_policy(folder: str | Path, policy: StepPolicy, config: AdaDiffConfig, meta: dict | None = None,
@@ -594,27 +624,22 @@ def load_ladder(folder: str | Path) -> Ladder | None:
 # -- the driver: ladder → reward table → policy --------------------------------------------------------------------
 
 
-def training_prompts(n: int, exclude: Sequence[str] = (), seed: int = 1) -> list[str]:
-    """``n`` distinct Shapes captions from the training distribution, none of them in ``exclude`` (the held-out
-    evaluation prompts). Fewer if the world runs out."""
+def training_prompts(n: int, seed: int = 1, three_share: float = 0.0) -> list[str]:
+    """``n`` Shapes captions drawn from the world's training mix (``random_spec``), repeats allowed, so that the
+    templates keep the world's shares. Distinct captions would not: the world has 18 single-object captions and
+    thousands of relations, and every single-object caption is among the evaluation prompts, so distinct captions
+    outside them are almost all relations. Render them at ``TRAIN_SEED_BASE`` onwards: the images are then never
+    the evaluation's (prompt i of ``eval_prompts`` at seed i), though their captions may be."""
     import numpy as np
 
     from .shapes.world import caption, random_spec
 
     rng = np.random.default_rng(seed)
-    banned, out = set(exclude), []
-    for _ in range(50 * n + 1000):
-        c = caption(random_spec(rng))
-        if c not in banned:
-            banned.add(c)
-            out.append(c)
-            if len(out) == n:
-                break
-    return out
+    return [caption(random_spec(rng, three_share)) for _ in range(n)]
 
 
 def fit(pipe, prompts: Sequence[str], config: AdaDiffConfig, iqs: Callable, *, ladder: Ladder | None = None,
-        seed_base: int = 0, progress: Callable[[str, float, dict], bool | None] | None = None,
+        seed_base: int = TRAIN_SEED_BASE, progress: Callable[[str, float, dict], bool | None] | None = None,
         batch_size: int = 64) -> tuple[TrainResult, Ladder, torch.Tensor]:  # fmt: skip
     """The whole AdaDiff training: render and score the ladder (unless given), build R, train π on it.
     ``progress(phase, fraction, info)`` reports ("ladder" | "policy"); returning True during "policy" stops.

@@ -136,7 +136,23 @@ def test_save_load_round_trip_gives_identical_probabilities(tmp_path):
     assert torch.equal(loaded.probs(features), policy.probs(features))
     back = ad.load_ladder(tmp_path / "p")
     assert back.prompts == ["a red circle"] and torch.equal(back.scores, ladder.scores)
-    assert ad.list_policies(tmp_path) == ["p"]
+    assert ad.list_policies(tmp_path) == ["p", *ad.SHIPPED_POLICIES]
+
+
+def test_the_shipped_policy_is_listed_and_found_unless_a_saved_one_has_its_name(tmp_path):
+    shipped = ad.shipped_policy("shapes")
+    assert shipped is not None and shipped.parent.name == "assets" and ad.shipped_policy("p") is None
+    assert ad.list_policies(tmp_path / "missing") == ["shapes"]
+    assert ad.find_policy(tmp_path, "shapes") == shipped
+    assert ad.find_policy(tmp_path, "other") == tmp_path / "other"  # load_policy says it does not exist
+    assert ad.policy_arg("shapes") == shipped and ad.policy_arg(tmp_path / "x") == tmp_path / "x"
+    config = ad.AdaDiffConfig(candidates=U4, hidden=8)
+    ad.save_policy(tmp_path / "shapes", ad.StepPolicy(4, U4, 8), config)
+    assert ad.list_policies(tmp_path) == ["shapes"]  # listed once
+    assert ad.find_policy(tmp_path, "shapes") == tmp_path / "shapes"
+    assert ad.load_policy(ad.find_policy(tmp_path, "shapes"))[0].candidates == U4
+    with pytest.raises(UserError, match="invalid policy name"):
+        ad.find_policy(tmp_path, "../shapes")
 
 
 def test_load_refuses_anything_but_its_own_safetensors(tmp_path):
@@ -196,12 +212,21 @@ def test_defaults_and_candidate_sets():
     torch.testing.assert_close(ad.step_saving((1, 3, 5)), torch.tensor([1.0, 0.5, 0.0]))
 
 
-def test_training_prompts_avoid_the_held_out_ones():
-    from finetuners.shapes.world import eval_prompts
+def test_training_prompts_keep_the_worlds_template_mix_and_their_seeds_are_not_the_evaluations():
+    """Distinct captions outside the evaluation list would be 894 relations of 898 (the world has 18 single-object
+    captions, every one of them among ``eval_prompts(1000)``); draws in the world's mix keep every template."""
+    from finetuners.shapes.world import eval_prompts, parse_prompt
 
-    held_out = eval_prompts(200)
-    train = ad.training_prompts(100, exclude=held_out)
-    assert len(train) == len(set(train)) == 100 and not set(train) & set(held_out)
+    def shares(prompts):
+        kinds = [parse_prompt(p).template for p in prompts]
+        return {t: kinds.count(t) / len(kinds) for t in ("object", "position", "relation")}
+
+    train = ad.training_prompts(1000)
+    assert train == ad.training_prompts(1000) and train != eval_prompts(1000)  # its own seeded draws
+    for t, share in shares(eval_prompts(1000)).items():
+        assert abs(shares(train)[t] - share) < 0.05, (t, shares(train))
+    seeds = ad.ladder_seeds(len(train), 2, ad.TRAIN_SEED_BASE)
+    assert int(seeds.min()) >= 1000 and int(seeds.max()) < 2**32  # never seed i of an evaluation list ≤ 1000
 
 
 # -- on a (random) pipeline -----------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import pytest
 from finetuners import adadiff as ad
 from finetuners.__main__ import main as cli
 from ui.adaptive_tab import (
+    default_policy,
     histogram_figure,
     on_model,
     on_prompt,
@@ -47,7 +48,9 @@ def test_training_from_the_tab_saves_a_policy(backend, trained):
     assert sorted(f.name for f in folder.iterdir()) == ["config.json", "policy.safetensors", "table.safetensors"]
     _, config, meta = ad.load_policy(folder)
     assert config.candidates == (1, 2) and meta["prompts"] == 4
-    assert policy_choices(backend) == [trained]
+    assert policy_choices(backend) == sorted([trained, *ad.SHIPPED_POLICIES])
+    assert default_policy(policy_choices(backend)) == trained  # a page starts on a saved policy over a shipped one
+    assert default_policy(["shapes"]) == "shapes" and default_policy([]) is None
 
 
 def test_a_prompt_shows_probabilities_the_choice_and_every_candidate(backend, trained):
@@ -124,8 +127,16 @@ def test_the_training_form_follows_the_model_and_the_policy_records_it(backend):
 
 
 def test_an_existing_name_is_refused(backend, trained):
-    updates = list(on_train(backend, backend.settings.model, trained, 4, 1, "1 2", 5, 1.0))
-    assert "already exists" in updates[0][2]
+    for name in (trained, *ad.SHIPPED_POLICIES):  # a saved policy's, or a shipped one's
+        updates = list(on_train(backend, backend.settings.model, name, 4, 1, "1 2", 5, 1.0))
+        assert "already exists" in updates[0][2]
+    assert not (backend.settings.data_dir / "policies" / "shapes").exists()
+
+
+def test_the_shipped_policy_is_offered_and_says_which_model_it_was_trained_for(backend):
+    assert "shapes" in policy_choices(backend)
+    view = run_prompt(backend, backend.settings.model, "shapes", "a red circle", 0)
+    assert view.candidates == (1, 2, 3, 4, 6, 8) and "policy trained for `shapes`" in view.info
 
 
 def test_prompt_set_with_typed_prompts(backend, trained):
@@ -158,6 +169,11 @@ def test_cli_adapt_train_then_sample_adaptive(random_pipeline_dir, tmp_path, cap
                 "--sampler", "ddim-trailing", "--out", str(tmp_path / "img")]) == 0  # fmt: skip
     err = capsys.readouterr().err
     assert "adaptive steps:" in err and (tmp_path / "img" / "seed0.png").is_file()
+    # the shipped policy, by name
+    shipped = ["sample", "--model", str(random_pipeline_dir), "--adaptive", "shapes", "--prompt", "a red circle",
+               "--sampler", "ddim-trailing", "--out", str(tmp_path / "shipped")]  # fmt: skip
+    assert cli(shipped) == 0
+    assert "adaptive steps:" in capsys.readouterr().err and (tmp_path / "shipped" / "seed0.png").is_file()
     assert cli(["adapt-train", "--out", str(tmp_path / "x"), "--candidates", "1", "1"]) == 2
     assert "must be distinct" in capsys.readouterr().err
     assert cli(["sample", "--adaptive", str(tmp_path / "none"), "--prompt", "a red circle",

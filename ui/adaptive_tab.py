@@ -46,10 +46,16 @@ def policy_choices(backend: Backend) -> list[str]:
     return ad.list_policies(policies_root(backend))
 
 
+def default_policy(choices: list[str]) -> str | None:
+    """The policy a page starts on: the last of the saved ones, else a shipped one."""
+    saved = [c for c in choices if c not in ad.SHIPPED_POLICIES]
+    return (saved or choices or [None])[-1]
+
+
 def load_named(backend: Backend, name) -> tuple[ad.StepPolicy, ad.AdaDiffConfig, dict]:
     if not name:
         raise UserError("no policy chosen: train one below, or pick one from the list")
-    return ad.load_policy(ad.policy_path(policies_root(backend), name))
+    return ad.load_policy(ad.find_policy(policies_root(backend), name))
 
 
 def _prompt(text) -> str:
@@ -195,7 +201,7 @@ def run_prompt(backend: Backend, model, policy_name, prompt, seed, progress=None
     prompt = _prompt(prompt)
     seed = _whole("seed", seed, 0, 2**32 - 1)
     model = backend.check_model(model)
-    policy, config, _ = load_named(backend, policy_name)
+    policy, config, meta = load_named(backend, policy_name)
     if progress is not None:
         progress(0, desc="choosing steps")
     steps, probs = backend.run_with([model], lambda pipe: ad.choose_steps(pipe, policy, [prompt]))
@@ -212,6 +218,8 @@ def run_prompt(backend: Backend, model, policy_name, prompt, seed, progress=None
     p = probs[0].tolist()
     info = (f"**Chosen: {count(steps[0], 'step')}** (π = {max(p):.2f}) · candidates {list(config.candidates)} · "
             f"sampler `{config.sampler}`, guidance {config.guidance:g}, seed {seed}")  # fmt: skip
+    if meta.get("model"):
+        info += f" · policy trained for `{meta['model']}`"
     if scores is None:
         info += f"  \nno quality scores: {config.quality} cannot score this prompt"
     return PromptView(p, config.candidates, steps[0], gallery, scores, info)
@@ -243,7 +251,8 @@ class SetView:
 
 
 def set_prompts(text, n) -> list[str]:
-    """The prompts typed (one per line), or the first ``n`` held-out Shapes prompts when none are."""
+    """The prompts typed (one per line), or the first ``n`` Shapes evaluation prompts when none are (prompt i at
+    seed i: images no training ladder renders, ``adadiff.TRAIN_SEED_BASE``)."""
     lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
     if lines:
         if len(lines) > MAX_SET_PROMPTS:
@@ -324,11 +333,9 @@ def train_steps(backend: Backend, model, name, n_prompts, seeds, candidates_text
                 sampler="ddim-trailing", guidance=3.0, quality="shapes-accuracy",
                 ) -> Iterator[tuple[str, list[dict] | None]]:  # fmt: skip
     """Render the ladders, train, save: yields (status Markdown, training history or None) as it goes."""
-    from finetuners.shapes.world import eval_prompts
-
     model = backend.check_model(model)
     folder = ad.policy_path(policies_root(backend), (name or "").strip())
-    if folder.exists():
+    if folder.exists() or folder.name in ad.SHIPPED_POLICIES:
         raise UserError(f"a policy named {folder.name!r} already exists: choose another name")
     n_prompts = _whole("training prompts", n_prompts, 1, MAX_TRAIN_PROMPTS)
     config = ad.AdaDiffConfig(candidates=parse_candidates(candidates_text), quality=quality,
@@ -337,8 +344,8 @@ def train_steps(backend: Backend, model, name, n_prompts, seeds, candidates_text
                               quality_weight=_weight(quality_weight), sampler=sampler,
                               guidance=_guidance(guidance))  # fmt: skip
     iqs = ad.make_iqs(config.quality)
-    prompts = ad.training_prompts(n_prompts, exclude=eval_prompts(1000))
-    seeds = ad.ladder_seeds(len(prompts), config.num_seeds)
+    prompts = ad.training_prompts(n_prompts)
+    seeds = ad.ladder_seeds(len(prompts), config.num_seeds, ad.TRAIN_SEED_BASE)
     size = f"{count(len(prompts), 'prompt')} × {count(config.num_seeds, 'seed')}"
     yield (f"rendering {size} at {list(config.candidates)} steps (`{config.sampler}`, guidance "
            f"{config.guidance:g})…"), None  # fmt: skip
@@ -446,9 +453,10 @@ def build_adaptive_tab(backend: Backend) -> gr.Tab:
         with gr.Row(equal_height=False):
             model = gr.Dropdown(choices=backend.model_choices(), value=settings.model, label="Model / checkpoint",
                                 elem_id="adaptive-model")  # fmt: skip
-            policy = gr.Dropdown(choices=choices, value=choices[-1] if choices else None, label="Policy",
+            policy = gr.Dropdown(choices=choices, value=default_policy(choices), label="Policy",
                                  elem_id="adaptive-policy",
-                                 info=f"saved in {policies_root(backend)}/; train one below")  # fmt: skip
+                                 info=f"{', '.join(ad.SHIPPED_POLICIES)}: shipped, for the Shapes model; yours are "
+                                 f"saved in {policies_root(backend)}/; train one below")  # fmt: skip
         error = gr.Markdown("", elem_id="adaptive-error", elem_classes=["error-text"])
         with gr.Accordion("A prompt: the policy's choice and the image at every step count", open=True):
             with gr.Row(equal_height=False):
@@ -469,8 +477,8 @@ def build_adaptive_tab(backend: Backend) -> gr.Tab:
             with gr.Row(equal_height=False):
                 with gr.Column(scale=2, min_width=300):
                     set_text = gr.Textbox(label="Prompts, one per line", lines=3, elem_id="adaptive-set-prompts",
-                                          placeholder="empty: the held-out Shapes prompts")  # fmt: skip
-                    set_n = gr.Slider(8, MAX_SET_PROMPTS, value=64, step=8, precision=0, label="Held-out prompts",
+                                          placeholder="empty: the Shapes evaluation prompts")  # fmt: skip
+                    set_n = gr.Slider(8, MAX_SET_PROMPTS, value=64, step=8, precision=0, label="Evaluation prompts",
                                       elem_id="adaptive-set-n")  # fmt: skip
                     evaluate = gr.Button("Evaluate", elem_id="adaptive-evaluate")
                     set_info = gr.Markdown("", elem_id="adaptive-set-info")
@@ -478,10 +486,11 @@ def build_adaptive_tab(backend: Backend) -> gr.Tab:
                     with gr.Row():
                         hist_plot = gr.Plot(elem_id="adaptive-histogram", show_label=False)
                         quality_plot = gr.Plot(elem_id="adaptive-quality", show_label=False)
-        with gr.Accordion("Train a policy (AdaDiff: REINFORCE on quality minus step cost)", open=not choices):
+        with gr.Accordion("Train a policy (AdaDiff: REINFORCE on quality minus step cost)",
+                          open=set(choices) <= set(ad.SHIPPED_POLICIES)):  # fmt: skip
             with gr.Row(equal_height=False):
                 with gr.Column(scale=2, min_width=300):
-                    name = gr.Textbox(label="Name", value="shapes", elem_id="adaptive-name")
+                    name = gr.Textbox(label="Name", value="my-policy", elem_id="adaptive-name")
                     candidates = gr.Textbox(label="Candidate step counts", value=candidates0,
                                             elem_id="adaptive-candidates")  # fmt: skip
                     with gr.Row():
@@ -529,7 +538,7 @@ def build_adaptive_tab(backend: Backend) -> gr.Tab:
 
         def refresh(current):  # new policies, and the checkpoints fine-tuning added since the page loaded
             found = policy_choices(backend)
-            return (gr.update(choices=found, value=current if current in found else (found[-1] if found else None)),
+            return (gr.update(choices=found, value=current if current in found else default_policy(found)),
                     gr.update(choices=backend.model_choices()))  # fmt: skip
 
         tab.select(refresh, [policy], [policy, model], queue=False)
