@@ -17,6 +17,7 @@ from ui.adaptive_tab import (
     on_train,
     policy_choices,
     probs_figure,
+    quality_choices,
     quality_figure,
     run_prompt,
     run_prompt_set,
@@ -131,6 +132,21 @@ def test_an_existing_name_is_refused(backend, trained):
         updates = list(on_train(backend, backend.settings.model, name, 4, 1, "1 2", 5, 1.0))
         assert "already exists" in updates[0][2]
     assert not (backend.settings.data_dir / "policies" / "shapes").exists()
+
+
+def test_the_quality_score_is_chosen_in_the_form_and_recorded(backend):
+    assert [n for _, n in quality_choices(backend)][:2] == ["shapes-accuracy", "shapes-probability"]
+    updates = list(on_train(backend, backend.settings.model, "soft", 3, 1, "1 2", 3, 1.0, "ddim-trailing", 3.0,
+                            "shapes-probability"))  # fmt: skip
+    assert "saved soft" in updates[-1][0] and updates[-1][2] == ""
+    _, config, _ = ad.load_policy(backend.settings.data_dir / "policies" / "soft")
+    assert config.quality == "shapes-probability"
+    scores = ad.load_ladder(backend.settings.data_dir / "policies" / "soft").scores
+    assert ((scores > 0) & (scores < 1)).any()  # probabilities, not 0 / 1 accuracies
+    updates = list(on_train(backend, backend.settings.model, "bad-iqs", 3, 1, "1 2", 3, 1.0, "ddim-trailing", 3.0,
+                            "no-such-score"))  # fmt: skip
+    assert "unknown reward" in updates[-1][2]
+    assert not (backend.settings.data_dir / "policies" / "bad-iqs").exists()
 
 
 def test_the_shipped_policy_is_offered_and_says_which_model_it_was_trained_for(backend):

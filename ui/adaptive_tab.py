@@ -46,6 +46,18 @@ def policy_choices(backend: Backend) -> list[str]:
     return ad.list_policies(policies_root(backend))
 
 
+def quality_choices(backend: Backend) -> list[tuple[str, str]]:
+    """(label, IQS name) for the training form: the Shapes probe's exact accuracy (ALGORITHMS.md §3.2) or its
+    probability (the shipped policy's), then the preference models learned in the Label tab (for any model)."""
+    from finetuners.rewards import PREFERENCE_PREFIX
+
+    from .finetune_tab import reward_choices
+
+    learned = [c for c in reward_choices(backend) if c[1].startswith(PREFERENCE_PREFIX)]
+    return [("Shapes probe: accuracy", "shapes-accuracy"), ("Shapes probe: probability", "shapes-probability"),
+            *learned]  # fmt: skip
+
+
 def default_policy(choices: list[str]) -> str | None:
     """The policy a page starts on: the last of the saved ones, else a shipped one."""
     saved = [c for c in choices if c not in ad.SHIPPED_POLICIES]
@@ -421,9 +433,10 @@ def on_model(backend: Backend, model) -> tuple:
 
 
 def on_train(backend: Backend, model, name, n_prompts, seeds, candidates, epochs, quality_weight,
-             sampler="ddim-trailing", guidance=3.0):  # fmt: skip
+             sampler="ddim-trailing", guidance=3.0, quality="shapes-accuracy"):  # fmt: skip
     """A generator of updates for (status, training plot, error, policy picker)."""
-    gen = train_steps(backend, model, name, n_prompts, seeds, candidates, epochs, quality_weight, sampler, guidance)
+    gen = train_steps(backend, model, name, n_prompts, seeds, candidates, epochs, quality_weight, sampler, guidance,
+                      quality)  # fmt: skip
     while True:
         step, message = attempt("training the policy", next, gen, None)
         if message is None and step is None:
@@ -502,6 +515,9 @@ def build_adaptive_tab(backend: Backend) -> gr.Tab:
                         n_prompts = gr.Number(value=64, precision=0, label="Training prompts",
                                               elem_id="adaptive-train-prompts")  # fmt: skip
                         n_seeds = gr.Number(value=2, precision=0, label="Seeds per prompt", elem_id="adaptive-seeds")
+                    quality = gr.Dropdown(quality_choices(backend), value="shapes-accuracy",
+                                          label="Quality score (IQS)", elem_id="adaptive-iqs",
+                                          info="what every ladder image is scored by")  # fmt: skip
                     with gr.Row():
                         epochs = gr.Number(value=300, precision=0, label="Epochs", elem_id="adaptive-epochs")
                         weight = gr.Number(value=1.0, label="Quality weight λ", elem_id="adaptive-lambda")
@@ -520,8 +536,9 @@ def build_adaptive_tab(backend: Backend) -> gr.Tab:
         def set_fn(model, policy, text, n, progress=gr.Progress()):
             return on_prompt_set(backend, model, policy, text, n, progress)
 
-        def train_fn(model, name, n_prompts, n_seeds, candidates, epochs, weight, sampler, guidance):
-            yield from on_train(backend, model, name, n_prompts, n_seeds, candidates, epochs, weight, sampler, guidance)
+        def train_fn(model, name, n_prompts, n_seeds, candidates, epochs, weight, sampler, guidance, quality):
+            yield from on_train(backend, model, name, n_prompts, n_seeds, candidates, epochs, weight, sampler, guidance,
+                                quality)  # fmt: skip
 
         prompt_outputs = [probs_plot, info, ladder, error]
         choose.click(prompt_fn, [model, policy, prompt, seed], prompt_outputs, api_name="adaptive_steps", **events)
@@ -529,19 +546,20 @@ def build_adaptive_tab(backend: Backend) -> gr.Tab:
         evaluate.click(set_fn, [model, policy, set_text, set_n], [hist_plot, quality_plot, set_info, error],
                        api_name="adaptive_set", **events)  # fmt: skip
         training = train.click(train_fn, [model, name, n_prompts, n_seeds, candidates, epochs, weight, sampler,
-                                          guidance], [status, train_plot, error, policy], api_name="adaptive_train",
-                               **events)  # fmt: skip
+                                          guidance, quality], [status, train_plot, error, policy],
+                               api_name="adaptive_train", **events)  # fmt: skip
         model.change(lambda m: on_model(backend, m), [model], [candidates, sampler, guidance, error],
                      trigger_mode="always_last", **events)  # fmt: skip
         stop.click(lambda: "stopped", None, [status], cancels=[training], queue=False)
         dice.click(random_seed, None, [seed], queue=False)
 
-        def refresh(current):  # new policies, and the checkpoints fine-tuning added since the page loaded
+        def refresh(current):  # new policies, checkpoints and preference models added since the page loaded
             found = policy_choices(backend)
             return (gr.update(choices=found, value=current if current in found else default_policy(found)),
-                    gr.update(choices=backend.model_choices()))  # fmt: skip
+                    gr.update(choices=backend.model_choices()),
+                    gr.update(choices=quality_choices(backend)))  # fmt: skip
 
-        tab.select(refresh, [policy], [policy, model], queue=False)
+        tab.select(refresh, [policy], [policy, model, quality], queue=False)
     return tab
 
 
