@@ -128,6 +128,7 @@ def cmd_adapt_train(args: argparse.Namespace) -> int:
     if not prompts:
         raise UserError("no training prompts: --prompt-file is empty")
     iqs = ad.make_iqs(config.quality, device=args.device)
+    ad.check_quality_prompts(config.quality, prompts)
     pipe = load_pipeline(args.model, args.device, args.dtype, runs_root=args.runs, allow_download=args.allow_download)
     given = args.candidates or (ad.CANDIDATE_SETS[args.candidate_set] if args.candidate_set else None)
     candidates, sampler, guidance = ad.suggested_setup(pipe, given)

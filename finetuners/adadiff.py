@@ -476,6 +476,17 @@ def make_iqs(name: str, device=None, weights=None) -> Callable:
     return iqs
 
 
+def check_quality_prompts(quality: str, prompts: Sequence[str]) -> None:
+    """A ``UserError`` before anything is rendered when the IQS cannot score a prompt: the Shapes probe's scores
+    read Shapes captions only."""
+    from .shapes.world import parse_prompt
+
+    base = IQS_ALIASES.get(quality, (quality,))[0]
+    if base.startswith("shapes-") and (bad := next((p for p in prompts if parse_prompt(p) is None), None)):
+        raise UserError(f"the quality score {quality} reads Shapes captions only, and {bad[:80]!r} is not one: "
+                        "score other prompts with a preference model learned in the Label tab")  # fmt: skip
+
+
 def ladder_seeds(n_prompts: int, num_seeds: int, base: int = 0) -> torch.Tensor:
     """[P, S]: prompt i uses seeds base + i·S … base + i·S + S − 1 (distinct across prompts, shared across u)."""
     return base + torch.arange(n_prompts * num_seeds, dtype=torch.int64).view(n_prompts, num_seeds)

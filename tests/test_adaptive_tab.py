@@ -8,6 +8,7 @@ import pytest
 
 from finetuners import adadiff as ad
 from finetuners.__main__ import main as cli
+from finetuners.generate import MAX_PROMPT_CHARS
 from ui.adaptive_tab import (
     default_policy,
     histogram_figure,
@@ -149,6 +150,24 @@ def test_the_quality_score_is_chosen_in_the_form_and_recorded(backend):
     assert not (backend.settings.data_dir / "policies" / "bad-iqs").exists()
 
 
+def test_typed_training_prompts_replace_the_shapes_captions(backend):
+    text = "a blue square\n\na red circle\na blue square\n"  # blank lines and repeats dropped
+    updates = list(on_train(backend, backend.settings.model, "typed", 4, 1, "1 2", 3, 1.0, "ddim-trailing", 3.0,
+                            "shapes-probability", text))  # fmt: skip
+    assert "2 prompts × 1 seed" in updates[0][0] and "saved typed" in updates[-1][0]
+    assert ad.load_ladder(backend.settings.data_dir / "policies" / "typed").prompts == ["a blue square",
+                                                                                         "a red circle"]  # fmt: skip
+    for bad, message in [
+        ("x" * (MAX_PROMPT_CHARS + 1), "too long"),
+        ("\n".join(f"p{i}" for i in range(2001)), "at most 2000"),
+        ("a red circle\na photo of a cat", "reads Shapes captions only, and 'a photo of a cat'"),
+    ]:
+        updates = list(on_train(backend, backend.settings.model, "bad-text", 4, 1, "1 2", 3, 1.0, "ddim-trailing",
+                                3.0, "shapes-accuracy", bad))  # fmt: skip
+        assert message in updates[-1][2]
+    assert not (backend.settings.data_dir / "policies" / "bad-text").exists()
+
+
 def test_the_shipped_policy_is_offered_and_says_which_model_it_was_trained_for(backend):
     assert "shapes" in policy_choices(backend)
     view = run_prompt(backend, backend.settings.model, "shapes", "a red circle", 0)
@@ -192,6 +211,10 @@ def test_cli_adapt_train_then_sample_adaptive(random_pipeline_dir, tmp_path, cap
     assert "adaptive steps:" in capsys.readouterr().err and (tmp_path / "shipped" / "seed0.png").is_file()
     assert cli(["adapt-train", "--out", str(tmp_path / "x"), "--candidates", "1", "1"]) == 2
     assert "must be distinct" in capsys.readouterr().err
+    (tmp_path / "cats.txt").write_text("a red circle\na photo of a cat\n")
+    assert cli(["adapt-train", "--model", str(random_pipeline_dir), "--out", str(tmp_path / "cats"),
+                "--prompt-file", str(tmp_path / "cats.txt")]) == 2  # fmt: skip
+    assert "reads Shapes captions only" in capsys.readouterr().err and not (tmp_path / "cats").exists()
     assert cli(["sample", "--adaptive", str(tmp_path / "none"), "--prompt", "a red circle",
                 "--model", str(random_pipeline_dir)]) == 2  # fmt: skip
     assert "does not exist" in capsys.readouterr().err

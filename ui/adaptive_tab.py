@@ -341,22 +341,35 @@ def quality_figure(view: SetView):
 # -- training ------------------------------------------------------------------------------------------------------
 
 
+def training_set(prompts_text, n) -> list[str]:
+    """The training prompts typed (one per line, repeats dropped), or ``n`` Shapes captions in the world's mix."""
+    lines = list(dict.fromkeys(line.strip() for line in (prompts_text or "").splitlines() if line.strip()))
+    if lines:
+        if len(lines) > MAX_TRAIN_PROMPTS:
+            raise UserError(f"at most {MAX_TRAIN_PROMPTS} training prompts, got {len(lines)}")
+        return [_prompt(p) for p in lines]
+    return ad.training_prompts(_whole("training prompts", n, 1, MAX_TRAIN_PROMPTS))
+
+
 def train_steps(backend: Backend, model, name, n_prompts, seeds, candidates_text, epochs, quality_weight,
-                sampler="ddim-trailing", guidance=3.0, quality="shapes-accuracy",
+                sampler="ddim-trailing", guidance=3.0, quality="shapes-accuracy", prompts_text="",
                 ) -> Iterator[tuple[str, list[dict] | None]]:  # fmt: skip
-    """Render the ladders, train, save: yields (status Markdown, training history or None) as it goes."""
+    """Render the ladders, train, save: yields (status Markdown, training history or None) as it goes. The prompts
+    are ``prompts_text``'s lines, or ``n_prompts`` Shapes captions when it is empty."""
     model = backend.check_model(model)
     folder = ad.policy_path(policies_root(backend), (name or "").strip())
     if folder.exists() or folder.name in ad.SHIPPED_POLICIES:
         raise UserError(f"a policy named {folder.name!r} already exists: choose another name")
-    n_prompts = _whole("training prompts", n_prompts, 1, MAX_TRAIN_PROMPTS)
+    prompts = training_set(prompts_text, n_prompts)
     config = ad.AdaDiffConfig(candidates=parse_candidates(candidates_text), quality=quality,
                               num_seeds=_whole("seeds per prompt", seeds, 1, 8),
                               epochs=_whole("epochs", epochs, 1, 5000),
                               quality_weight=_weight(quality_weight), sampler=sampler,
                               guidance=_guidance(guidance))  # fmt: skip
     iqs = ad.make_iqs(config.quality)
-    prompts = ad.training_prompts(n_prompts)
+    ad.check_quality_prompts(config.quality, prompts)
+    # the policy's input, and each prompt checked against the model's text encoder, before the ladder is rendered
+    features = backend.run_with([model], lambda pipe: ad.text_features(pipe, prompts))
     seeds = ad.ladder_seeds(len(prompts), config.num_seeds, ad.TRAIN_SEED_BASE)
     size = f"{count(len(prompts), 'prompt')} × {count(config.num_seeds, 'seed')}"
     yield (f"rendering {size} at {list(config.candidates)} steps (`{config.sampler}`, guidance "
@@ -373,7 +386,6 @@ def train_steps(backend: Backend, model, name, n_prompts, seeds, candidates_text
     scores = iqs(images.flatten(0, 2), [q for q in prompts for _ in range(s * n)]).view(p, s, n)
     ladder = ad.Ladder(prompts, seeds, config.candidates, scores)
     rewards = ad.config_rewards(ladder.quality, config)
-    features = backend.run_with([model], lambda pipe: ad.text_features(pipe, prompts))
     yield "training the policy on the cached reward table…", None
     result = ad.train_policy(features, rewards, config)
     last = result.history[-1]
@@ -433,10 +445,10 @@ def on_model(backend: Backend, model) -> tuple:
 
 
 def on_train(backend: Backend, model, name, n_prompts, seeds, candidates, epochs, quality_weight,
-             sampler="ddim-trailing", guidance=3.0, quality="shapes-accuracy"):  # fmt: skip
+             sampler="ddim-trailing", guidance=3.0, quality="shapes-accuracy", prompts_text=""):  # fmt: skip
     """A generator of updates for (status, training plot, error, policy picker)."""
     gen = train_steps(backend, model, name, n_prompts, seeds, candidates, epochs, quality_weight, sampler, guidance,
-                      quality)  # fmt: skip
+                      quality, prompts_text)  # fmt: skip
     while True:
         step, message = attempt("training the policy", next, gen, None)
         if message is None and step is None:
@@ -511,8 +523,12 @@ def build_adaptive_tab(backend: Backend) -> gr.Tab:
                                               elem_id="adaptive-sampler")  # fmt: skip
                         guidance = gr.Number(value=guidance0, label="Guidance", elem_id="adaptive-guidance",
                                              info="the model's; a fine-tuned checkpoint's is its run's")  # fmt: skip
+                    train_text = gr.Textbox(label="Training prompts, one per line", lines=2, max_lines=8,
+                                            elem_id="adaptive-train-text",
+                                            placeholder="empty: Shapes captions in the world's mix, as many as "
+                                            "below")  # fmt: skip
                     with gr.Row():
-                        n_prompts = gr.Number(value=64, precision=0, label="Training prompts",
+                        n_prompts = gr.Number(value=64, precision=0, label="Shapes captions (none typed)",
                                               elem_id="adaptive-train-prompts")  # fmt: skip
                         n_seeds = gr.Number(value=2, precision=0, label="Seeds per prompt", elem_id="adaptive-seeds")
                     quality = gr.Dropdown(quality_choices(backend), value="shapes-accuracy",
@@ -536,9 +552,9 @@ def build_adaptive_tab(backend: Backend) -> gr.Tab:
         def set_fn(model, policy, text, n, progress=gr.Progress()):
             return on_prompt_set(backend, model, policy, text, n, progress)
 
-        def train_fn(model, name, n_prompts, n_seeds, candidates, epochs, weight, sampler, guidance, quality):
+        def train_fn(model, name, n_prompts, n_seeds, candidates, epochs, weight, sampler, guidance, quality, text):
             yield from on_train(backend, model, name, n_prompts, n_seeds, candidates, epochs, weight, sampler, guidance,
-                                quality)  # fmt: skip
+                                quality, text)  # fmt: skip
 
         prompt_outputs = [probs_plot, info, ladder, error]
         choose.click(prompt_fn, [model, policy, prompt, seed], prompt_outputs, api_name="adaptive_steps", **events)
@@ -546,7 +562,7 @@ def build_adaptive_tab(backend: Backend) -> gr.Tab:
         evaluate.click(set_fn, [model, policy, set_text, set_n], [hist_plot, quality_plot, set_info, error],
                        api_name="adaptive_set", **events)  # fmt: skip
         training = train.click(train_fn, [model, name, n_prompts, n_seeds, candidates, epochs, weight, sampler,
-                                          guidance, quality], [status, train_plot, error, policy],
+                                          guidance, quality, train_text], [status, train_plot, error, policy],
                                api_name="adaptive_train", **events)  # fmt: skip
         model.change(lambda m: on_model(backend, m), [model], [candidates, sampler, guidance, error],
                      trigger_mode="always_last", **events)  # fmt: skip
