@@ -74,10 +74,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.adaptive:  # AdaDiff: the policy picks the step count (--steps is ignored)
         from .adadiff import generate_adaptive, load_policy, policy_arg
 
-        policy = load_policy(policy_arg(args.adaptive))[0]
-        result = generate_adaptive(pipe, policy, request)
+        policy, config, _ = load_policy(policy_arg(args.adaptive))
+        result = generate_adaptive(pipe, policy, request, config=config)  # at the policy's sampler and guidance
         probs = ", ".join(f"{u}: {p:.2f}" for u, p in zip(policy.candidates, result.info["adaptive_probs"]))
-        print(f"adaptive steps: {result.info['adaptive_steps']} (π = {probs})", file=sys.stderr)
+        print(f"adaptive steps: {result.info['adaptive_steps']} (π = {probs}), sampler {config.sampler}, guidance "
+              f"{config.guidance:g}", file=sys.stderr)  # fmt: skip
     else:
         result = generate(pipe, request)
     out.mkdir(parents=True, exist_ok=True)

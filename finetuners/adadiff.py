@@ -510,13 +510,23 @@ def choose_steps(pipe, policy: StepPolicy, prompts: Sequence[str]) -> tuple[list
     return [policy.candidates[i] for i in probs.argmax(-1).tolist()], probs
 
 
-def generate_adaptive(pipe, policy: StepPolicy, request, callback=None):
-    """``generate`` with the step count chosen by the policy for ``request.prompt`` (``request.steps`` is ignored).
-    The result's ``info`` holds ``adaptive_steps`` and ``adaptive_probs`` (one per candidate)."""
+def adaptive_request(request, steps: int, config: AdaDiffConfig | None = None):
+    """``request`` at the policy's step count and, given the policy's ``config``, with the sampler and guidance its
+    ladder was rendered with: its choice of step count was learned for those (trailing DDIM at 4 steps is not
+    leading DDIM at 4 steps)."""
+    if config is None:
+        return replace(request, steps=steps)
+    return replace(request, steps=steps, sampler=config.sampler, guidance=config.guidance)
+
+
+def generate_adaptive(pipe, policy: StepPolicy, request, callback=None, config: AdaDiffConfig | None = None):
+    """``generate`` with the step count chosen by the policy for ``request.prompt`` (``request.steps`` is ignored;
+    with ``config``, the policy's sampler and guidance too: ``adaptive_request``). The result's ``info`` holds
+    ``adaptive_steps`` and ``adaptive_probs`` (one per candidate)."""
     from .generate import generate
 
     steps, probs = choose_steps(pipe, policy, [request.prompt])
-    result = generate(pipe, replace(request, steps=steps[0]), callback=callback)
+    result = generate(pipe, adaptive_request(request, steps[0], config), callback=callback)
     result.info.update(adaptive_steps=steps[0], adaptive_probs=probs[0].tolist(),
                        adaptive_candidates=list(policy.candidates))  # fmt: skip
     return result

@@ -4,6 +4,7 @@ bad input, and choosing steps / sampling on the random tiny pipeline."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -259,8 +260,14 @@ def test_choose_steps_and_adaptive_generation(random_pipe):
     torch.testing.assert_close(probs.sum(-1), torch.ones(2))
     assert all(s in (1, 2, 3) for s in steps)
     assert ad.choose_steps(random_pipe, policy, ["a red circle", "a red circle on the left"])[0] == steps
-    result = ad.generate_adaptive(random_pipe, policy, SampleRequest("a red circle", steps=50, record_pred_x0=False))
+    request = SampleRequest("a red circle", steps=50, sampler="ddim", guidance=5.0, record_pred_x0=False)
+    result = ad.generate_adaptive(random_pipe, policy, request)
     assert len(result.timesteps) == steps[0] == result.info["adaptive_steps"]
+    config = ad.AdaDiffConfig(candidates=(1, 2, 3), sampler="ddim-trailing", guidance=2.0)
+    assert ad.adaptive_request(request, 2, config) == replace(request, steps=2, sampler="ddim-trailing", guidance=2.0)
+    ours = ad.generate_adaptive(random_pipe, policy, request, config=config)  # the policy's sampler and guidance
+    ref = generate(random_pipe, replace(request, steps=steps[0], sampler="ddim-trailing", guidance=2.0))
+    assert ours.timesteps == ref.timesteps and ours.timesteps[0] == 999 and torch.equal(ours.images, ref.images)
     with pytest.raises(UserError, match="another model"):
         ad.choose_steps(random_pipe, ad.StepPolicy(7, (1, 2), 8), ["a red circle"])
     with pytest.raises(UserError, match="prompt is empty"):

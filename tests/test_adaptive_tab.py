@@ -71,6 +71,11 @@ def test_a_prompt_set_gives_the_histogram_nfe_and_quality_curve(backend, trained
     view = run_prompt_set(backend, backend.settings.model, trained, "", 8)
     assert sum(view.histogram) == 8 and len(view.fixed_quality) == 2 and 0 <= view.adaptive_quality <= 1
     assert "network evaluations per image" in view.info
+    import re
+
+    m = re.search(r"within 0.01 of adaptive: \*\*(\d+)\*\* → \*\*(\d+)% (fewer|more) steps", view.info)
+    saved = 1 - view.mean_steps / int(m[1])  # a saving below zero reads "more steps", never "-12% fewer"
+    assert (m[3] == "fewer") == (saved >= 0) and int(m[2]) == round(100 * abs(saved))
     assert histogram_figure(view).data[0].y is not None and len(quality_figure(view).data) == 2
 
 
@@ -183,6 +188,10 @@ def test_sample_tab_uses_the_policy_for_its_steps(backend, trained):
     view = run_sample(backend, backend.settings.model, "a red circle", "", 50, "ddim-trailing", 0.0, 3.0, 0, 1,
                       adaptive=trained)  # fmt: skip
     assert "adaptive steps: policy" in view.info and "50 steps" not in view.info
+    taken = run_sample(backend, backend.settings.model, "a red circle", "", 50, "ddim", 0.0, 5.0, 0, 1,
+                       adaptive=trained)  # the policy's sampler and guidance, not the form's  # fmt: skip
+    assert "of `ddim-trailing`" in taken.info and "guidance 3 " in taken.info
+    assert "at its sampler `ddim-trailing` and guidance 3" in taken.info
     plain = run_sample(backend, backend.settings.model, "a red circle", "", 3, "ddim-trailing", 0.0, 3.0, 0, 1,
                        adaptive="off")  # fmt: skip
     assert "3 steps" in plain.info and "adaptive" not in plain.info

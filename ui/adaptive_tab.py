@@ -187,13 +187,14 @@ def _drain(gen, progress=None):
 
 
 def choose_for_prompt(backend: Backend, model: str, policy_name: str, request):
-    """(``request`` with the policy's step count, a Markdown line saying so): adaptive steps for the Sample tab."""
-    from dataclasses import replace
-
-    policy, _, _ = load_named(backend, policy_name)
+    """(``request`` at the policy's step count, sampler and guidance; a Markdown line saying so): adaptive steps
+    for the Sample tab (``adadiff.adaptive_request``)."""
+    policy, config, _ = load_named(backend, policy_name)
     steps, probs = backend.run_with([model], lambda pipe: ad.choose_steps(pipe, policy, [request.prompt]))
     p = ", ".join(f"{u}: {q:.2f}" for u, q in zip(policy.candidates, probs[0].tolist()))
-    return replace(request, steps=steps[0]), f"adaptive steps: policy **{policy_name}** chose {steps[0]} (π = {p})"
+    return ad.adaptive_request(request, steps[0], config), (
+        f"adaptive steps: policy **{policy_name}** chose {steps[0]} (π = {p}), at its sampler `{config.sampler}` and "
+        f"guidance {config.guidance:g}")  # fmt: skip
 
 
 # -- a prompt ------------------------------------------------------------------------------------------------------
@@ -305,8 +306,10 @@ def run_prompt_set(backend: Backend, model, policy_name, prompts_text, n, progre
         info += f"  \nadaptive {config.quality} {adaptive:.3f}; fixed: " + ", ".join(
             f"{u}→{q:.3f}" for u, q in zip(config.candidates, fixed))  # fmt: skip
         if matched is not None:
-            info += (f"  \nsmallest fixed count within 0.01 of adaptive: **{matched}** → "
-                     f"**{100 * (1 - mean_steps / matched):.0f}% fewer steps** at matched quality")  # fmt: skip
+            saved = 1 - mean_steps / matched
+            verdict = f"{100 * saved:.0f}% fewer steps" if saved >= 0 else f"{100 * -saved:.0f}% more steps"
+            info += (f"  \nsmallest fixed count within 0.01 of adaptive: **{matched}** → **{verdict}** at matched "
+                     "quality")  # fmt: skip
     else:
         info += f"  \nno quality curve: {config.quality} cannot score these prompts"
     return SetView(config.candidates, hist, fixed, adaptive, mean_steps, info)
