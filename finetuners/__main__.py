@@ -129,8 +129,9 @@ def cmd_adapt_train(args: argparse.Namespace) -> int:
     if not prompts:
         raise UserError("no training prompts: --prompt-file is empty")
     iqs = ad.make_iqs(config.quality, device=args.device)
-    ad.check_quality_prompts(config.quality, prompts)
+    ad.check_quality(config.quality, prompts)  # before the model loads
     pipe = load_pipeline(args.model, args.device, args.dtype, runs_root=args.runs, allow_download=args.allow_download)
+    ad.check_quality(config.quality, prompts, pipe)
     given = args.candidates or (ad.CANDIDATE_SETS[args.candidate_set] if args.candidate_set else None)
     candidates, sampler, guidance = ad.suggested_setup(pipe, given)
     config = replace(config, candidates=candidates, sampler=args.sampler or sampler,

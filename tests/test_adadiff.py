@@ -274,6 +274,22 @@ def test_choose_steps_and_adaptive_generation(random_pipe):
         ad.choose_steps(random_pipe, policy, [" "])
 
 
+def test_a_shapes_quality_score_refuses_what_it_cannot_read_before_anything_renders():
+    from types import SimpleNamespace
+
+    def pipe(sample_size, factor):
+        return SimpleNamespace(unet=SimpleNamespace(config=SimpleNamespace(sample_size=sample_size)),
+                               vae_scale_factor=factor)  # fmt: skip
+
+    for quality in ("shapes-accuracy", "shapes-probability", "shapes-probe"):
+        ad.check_quality(quality, ["a red circle", "a blue square above a red circle"], pipe(8, 4))  # 32 × 32
+        with pytest.raises(UserError, match="reads Shapes captions only, and 'a photo of a cat'"):
+            ad.check_quality(quality, ["a red circle", "a photo of a cat"])
+        with pytest.raises(UserError, match="reads 32×32 Shapes images, and this model draws 512×512"):
+            ad.check_quality(quality, ["a red circle"], pipe(64, 8))  # an SD 1.x model
+    ad.check_quality("jpeg-compressibility", ["a photo of a cat"], pipe(64, 8))  # any prompt, any size
+
+
 def test_the_suggested_setup_follows_the_model(monkeypatch):
     """§3.2 (ours): the Shapes set on a small UNet, the few-step set where the model's default is ≤ 8 steps, else
     the paper's; trailing DDIM under 5 steps (LCM on LCM), else the model's spacing; the model's guidance, which for

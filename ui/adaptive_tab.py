@@ -370,9 +370,13 @@ def train_steps(backend: Backend, model, name, n_prompts, seeds, candidates_text
                               quality_weight=_weight(quality_weight), sampler=sampler,
                               guidance=_guidance(guidance))  # fmt: skip
     iqs = ad.make_iqs(config.quality)
-    ad.check_quality_prompts(config.quality, prompts)
-    # the policy's input, and each prompt checked against the model's text encoder, before the ladder is rendered
-    features = backend.run_with([model], lambda pipe: ad.text_features(pipe, prompts))
+    ad.check_quality(config.quality, prompts)
+
+    def prepare(pipe):  # before the ladder is rendered: the model's images can be scored, every prompt fits it
+        ad.check_quality(config.quality, prompts, pipe)
+        return ad.text_features(pipe, prompts)  # the policy's input
+
+    features = backend.run_with([model], prepare)
     seeds = ad.ladder_seeds(len(prompts), config.num_seeds, ad.TRAIN_SEED_BASE)
     size = f"{count(len(prompts), 'prompt')} × {count(config.num_seeds, 'seed')}"
     yield (f"rendering {size} at {list(config.candidates)} steps (`{config.sampler}`, guidance "
