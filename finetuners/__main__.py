@@ -359,7 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="default: the model's (shapes on the Shapes model, few-step on SD-Turbo / LCM, else standard)",
     )
     p.add_argument("--candidates", type=int, nargs="+", default=None, help="step counts (overrides --candidate-set)")
-    p.add_argument("--quality", default="shapes-accuracy", help="IQS: a reward name (e.g. shapes-probe, preference:…)")
+    p.add_argument("--quality", default="shapes-accuracy",
+                   help="IQS: a reward name (shapes-probability, the shipped policy's; preference:FOLDER for other "
+                   "prompts)")  # fmt: skip
     p.add_argument("--seeds", type=int, default=2, help="seeds per prompt, shared across step counts")
     p.add_argument(
         "--sampler",
