@@ -479,17 +479,17 @@ def make_iqs(name: str, device=None, weights=None) -> Callable:
 def check_quality(quality: str, prompts: Sequence[str], pipe=None) -> None:
     """A ``UserError`` before anything is rendered when the IQS cannot score the ladder: the Shapes probe's scores
     read Shapes captions only, on images of the Shapes world's size (``pipe``: the model that would draw them)."""
-    from .shapes.world import IMAGE_SIZE, parse_prompt
+    from .rewards import check_reward_fits
+    from .shapes.world import parse_prompt
 
-    if not IQS_ALIASES.get(quality, (quality,))[0].startswith("shapes-"):
+    base = IQS_ALIASES.get(quality, (quality,))[0]
+    if not base.startswith("shapes-"):
         return
     if bad := next((p for p in prompts if parse_prompt(p) is None), None):
         raise UserError(f"the quality score {quality} reads Shapes captions only, and {bad[:80]!r} is not one: "
                         "score other prompts with a preference model learned in the Label tab")  # fmt: skip
-    if pipe is not None and (size := pipe.unet.config.sample_size * pipe.vae_scale_factor) != IMAGE_SIZE:
-        raise UserError(f"the quality score {quality} reads {IMAGE_SIZE}×{IMAGE_SIZE} Shapes images, and this model "
-                        f"draws {size}×{size}: score its images with a preference model learned in the Label "
-                        "tab")  # fmt: skip
+    if pipe is not None:
+        check_reward_fits(base, pipe)
 
 
 def ladder_seeds(n_prompts: int, num_seeds: int, base: int = 0) -> torch.Tensor:

@@ -187,6 +187,17 @@ def reward_spec(name: str) -> RewardSpec:
     return REGISTRY[name]
 
 
+def check_reward_fits(name: str, pipe) -> None:
+    """A ``UserError`` when the reward cannot read ``pipe``'s images: the Shapes probe's rewards read the Shapes
+    world's 32×32 images (its pooling would score a 512×512 image without error, and the score would mean nothing)."""
+    from .shapes.world import IMAGE_SIZE
+
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    if name.startswith("shapes-") and size != IMAGE_SIZE:
+        raise UserError(f"{name} reads {IMAGE_SIZE}×{IMAGE_SIZE} Shapes images, and this model draws {size}×{size}: "
+                        "choose a preference model learned in the Label tab, or a scorer of real images")  # fmt: skip
+
+
 def make_reward(name: str, device=None, weights: str | Path | None = None) -> RewardFn:
     """Build the named reward; ``weights`` is a local path (required where ``needs_weights``)."""
     return reward_spec(name).factory(device=device, weights=weights)

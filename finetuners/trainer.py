@@ -588,7 +588,7 @@ def train(run_dir: str | Path, config: TrainConfig | None = None, *, resume: boo
     called with every metrics line. Bad input raises ``UserError`` before anything is written.
     """
     from .models import load_model
-    from .rewards import make_reward
+    from .rewards import check_reward_fits, make_reward
 
     run_dir = Path(run_dir)
     config, record, ckpt = _prepare(run_dir, config, resume)
@@ -603,6 +603,7 @@ def train(run_dir: str | Path, config: TrainConfig | None = None, *, resume: boo
     if dist.is_main:
         runs.announce_phase("loading the model")
     pipe = load_model(cfg.model, device, cfg.precision)
+    check_reward_fits(cfg.reward, pipe)  # nothing is written yet
     if device.startswith("cuda") and cfg.tf32 == "on":
         torch.backends.cuda.matmul.allow_tf32 = True
     trainer = Trainer(run_dir, config, pipe, reward_fn, accuracy_fn, dist)

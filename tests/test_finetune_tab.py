@@ -121,6 +121,15 @@ def test_rlr_settings_reach_the_run_config(backend):
     assert make_config(backend, **{**TINY, "method": "DRaFT-K", "reward": "shapes-probe"}).method == "draft"
 
 
+def test_a_shapes_reward_for_a_model_that_draws_other_images_is_refused(backend, monkeypatch):
+    pipe = backend.pipeline(backend.settings.model)
+    assert make_config(backend, **{**TINY, "reward": "shapes-probe"}).algo.reward == "shapes-probe"
+    monkeypatch.setattr(pipe, "vae_scale_factor", 64)  # as if the model drew 512×512 images from its 8×8 latents
+    with pytest.raises(UserError, match="shapes-probe reads 32×32 Shapes images, and this model draws 512×512"):
+        make_config(backend, **{**TINY, "reward": "shapes-probe"})
+    assert make_config(backend, **TINY).algo.reward == "jpeg-compressibility"
+
+
 def test_trajectory_length_picks_the_step_weighting(backend):
     short, long = (make_config(backend, **{**TINY, "train_steps": k}).algo for k in (2, 8))
     assert (short.num_steps, short.lam) == (2, 0.1) and (long.num_steps, long.lam) == (8, 0.99)

@@ -398,3 +398,26 @@ def test_short_sdpo_runs_move_jpeg_size_the_way_their_reward_asks(tmp_path):
     (c0, c1), (i0, i1) = kb["jpeg-compressibility"], kb["jpeg-incompressibility"]
     assert c0 == pytest.approx(i0)  # the same start model, prompts and seeds
     assert c1 < c0 - 0.008 and i1 > i0 + 0.008, kb
+
+
+def test_a_shapes_reward_on_a_model_that_draws_other_images_is_refused_before_anything_is_written(
+    random_pipeline_dir, tmp_path, monkeypatch
+):
+    """The probe pools to its 3×3 grid, so it would score a 512×512 image without error; the run refuses instead."""
+    from types import SimpleNamespace
+
+    import finetuners.models
+    from finetuners.rewards import check_reward_fits
+    from finetuners.trainer import train
+
+    sd = SimpleNamespace(unet=SimpleNamespace(config=SimpleNamespace(sample_size=64)), vae_scale_factor=8)
+    shapes = SimpleNamespace(unet=SimpleNamespace(config=SimpleNamespace(sample_size=8)), vae_scale_factor=4)
+    for name in ("shapes-probe", "shapes-accuracy"):
+        check_reward_fits(name, shapes)
+        with pytest.raises(UserError, match="reads 32×32 Shapes images, and this model draws 512×512"):
+            check_reward_fits(name, sd)
+    check_reward_fits("jpeg-compressibility", sd)
+    monkeypatch.setattr(finetuners.models, "load_model", lambda *a, **k: sd)  # as if the folder held SD 1.x
+    with pytest.raises(UserError, match="shapes-probe reads 32×32 Shapes images"):
+        train(tmp_path / "run", _config(random_pipeline_dir, reward="shapes-probe", num_epochs=1))
+    assert not (tmp_path / "run").exists()

@@ -21,6 +21,7 @@ import gradio as gr
 
 from finetuners.errors import UserError
 from finetuners.jobs import RunInfo
+from finetuners.rewards import check_reward_fits
 
 from .backend import Backend
 from .common import attempt, error_markdown
@@ -202,6 +203,7 @@ def make_config(backend: Backend, method, reward, learning_rate, batch, epochs, 
                           eval_images=max(n_eval, 2), eval_steps=tuple(steps), checkpoint_every=every,
                           eval_sampler=sampler)  # fmt: skip
     reward = check_reward(reward, weights)
+    check_reward_fits(reward, backend.pipeline(settings.model))
     precision = {"float16": "fp16", "bfloat16": "bf16"}.get(settings.dtype or "", "fp16")
     precision = "fp32" if device.type == "cpu" or settings.dtype in ("float32", "fp32") else precision
     per_prompt = next(k for k in (4, 2, 1) if batch % k == 0)  # pairs sharing a prompt (normalised together)
