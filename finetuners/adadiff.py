@@ -655,13 +655,11 @@ def training_prompts(n: int, seed: int = 1, three_share: float = 0.0) -> list[st
     templates keep the world's shares. Distinct captions would not: the world has 18 single-object captions and
     thousands of relations, and every single-object caption is among the evaluation prompts, so distinct captions
     outside them are almost all relations. Render them at ``TRAIN_SEED_BASE`` onwards: the images are then never
-    the evaluation's (prompt i of ``eval_prompts`` at seed i), though their captions may be."""
-    import numpy as np
+    the evaluation's (prompt i of ``eval_prompts`` at seed i), though their captions may be. The draws are
+    ``eval_prompts``' own, from another seed."""
+    from .shapes.world import eval_prompts
 
-    from .shapes.world import caption, random_spec
-
-    rng = np.random.default_rng(seed)
-    return [caption(random_spec(rng, three_share)) for _ in range(n)]
+    return eval_prompts(n, seed=seed, three_share=three_share)
 
 
 def fit(pipe, prompts: Sequence[str], config: AdaDiffConfig, iqs: Callable, *, ladder: Ladder | None = None,

@@ -192,8 +192,7 @@ def check_reward_fits(name: str, pipe) -> None:
     world's 32×32 images (its pooling would score a 512×512 image without error, and the score would mean nothing)."""
     from .shapes.world import IMAGE_SIZE
 
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    if name.startswith("shapes-") and size != IMAGE_SIZE:
+    if name.startswith("shapes-") and (size := pipe.unet.config.sample_size * pipe.vae_scale_factor) != IMAGE_SIZE:
         raise UserError(f"{name} reads {IMAGE_SIZE}×{IMAGE_SIZE} Shapes images, and this model draws {size}×{size}: "
                         "choose a preference model learned in the Label tab, or a scorer of real images")  # fmt: skip
 

@@ -263,14 +263,22 @@ class SetView:
     info: str
 
 
+def typed_prompts(text, most: int, what: str, distinct: bool = False) -> list[str]:
+    """The non-empty lines of ``text``, stripped (repeats dropped if ``distinct``), each a valid prompt; at most
+    ``most`` of them."""
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    if distinct:
+        lines = list(dict.fromkeys(lines))
+    if len(lines) > most:
+        raise UserError(f"at most {most} {what}, got {len(lines)}")
+    return [_prompt(p) for p in lines]
+
+
 def set_prompts(text, n) -> list[str]:
     """The prompts typed (one per line), or the first ``n`` Shapes evaluation prompts when none are (prompt i at
     seed i: images no training ladder renders, ``adadiff.TRAIN_SEED_BASE``)."""
-    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
-    if lines:
-        if len(lines) > MAX_SET_PROMPTS:
-            raise UserError(f"at most {MAX_SET_PROMPTS} prompts, got {len(lines)}")
-        return [_prompt(p) for p in lines]
+    if lines := typed_prompts(text, MAX_SET_PROMPTS, "prompts"):
+        return lines
     from finetuners.shapes.world import eval_prompts
 
     return eval_prompts(_whole("number of prompts", n, 1, MAX_SET_PROMPTS))
@@ -346,11 +354,8 @@ def quality_figure(view: SetView):
 
 def training_set(prompts_text, n) -> list[str]:
     """The training prompts typed (one per line, repeats dropped), or ``n`` Shapes captions in the world's mix."""
-    lines = list(dict.fromkeys(line.strip() for line in (prompts_text or "").splitlines() if line.strip()))
-    if lines:
-        if len(lines) > MAX_TRAIN_PROMPTS:
-            raise UserError(f"at most {MAX_TRAIN_PROMPTS} training prompts, got {len(lines)}")
-        return [_prompt(p) for p in lines]
+    if lines := typed_prompts(prompts_text, MAX_TRAIN_PROMPTS, "training prompts", distinct=True):
+        return lines
     return ad.training_prompts(_whole("training prompts", n, 1, MAX_TRAIN_PROMPTS))
 
 
@@ -370,7 +375,6 @@ def train_steps(backend: Backend, model, name, n_prompts, seeds, candidates_text
                               quality_weight=_weight(quality_weight), sampler=sampler,
                               guidance=_guidance(guidance))  # fmt: skip
     iqs = ad.make_iqs(config.quality)
-    ad.check_quality(config.quality, prompts)
 
     def prepare(pipe):  # before the ladder is rendered: the model's images can be scored, every prompt fits it
         ad.check_quality(config.quality, prompts, pipe)
