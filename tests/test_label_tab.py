@@ -231,6 +231,20 @@ def test_nothing_to_label_yet(offline):
         show_next(offline, "ann")
 
 
+def test_a_label_with_no_pair_on_screen_says_why_for_this_labeller(offline):
+    """No pairs at all, pairs not started, and every pair done: three states, three messages, nothing stored."""
+    with pytest.raises(UserError, match="no pairs to label yet"):
+        record_label(offline, "ann", None, "skip")
+    (pair,) = with_pairs(offline, 1)
+    with unchanged(offline), pytest.raises(UserError, match="click Start labelling first"):
+        record_label(offline, "ann", None, "skip")
+    assert record_label(offline, "ann", pair, "left").pair_id is None  # ann's last pair
+    with unchanged(offline), pytest.raises(UserError, match="nothing is left to label for you"):
+        record_label(offline, "ann", None, "skip")
+    with pytest.raises(UserError, match="click Start labelling first"):  # bob has not labelled it yet
+        record_label(offline, "bob", None, "skip")
+
+
 def test_the_gradio_adapter_shows_the_message_and_keeps_the_pair(offline):
     (pair,) = with_pairs(offline, 1)
     with unchanged(offline), pytest.warns(UserWarning, match="type your name first"):

@@ -204,6 +204,8 @@ def generate_pairs(backend: Backend, queue_text, queue_file, kind, model_a, mode
 
 # -- labelling ---------------------------------------------------------------------------------------------
 
+NO_PAIRS_YET = "there are no pairs to label yet: put prompts in the queue and click Generate pairs"
+
 
 def labeller_name(backend: Backend, typed, username: str | None = None) -> str:
     """The signed-in user (with --auth), else the typed name; "anonymous" only when names are optional."""
@@ -258,13 +260,22 @@ def _view(backend: Backend, name: str, pair, status: str) -> LabelView:
     return LabelView(pair.id, _display(pair.image_0_path, px), _display(pair.image_1_path, px), prompt, status, counts)
 
 
+def _nothing_on_screen(store, name: str) -> str:
+    """Why a label with no pair on screen was not saved, in the words that fit the labeller's state."""
+    if store.counts()["pairs"] == 0:
+        return NO_PAIRS_YET
+    if store.next_pair_for(name) is None:
+        return "no pair on screen: nothing is left to label for you; generate more pairs from a prompt queue"
+    return "no pair on screen: click Start labelling first"
+
+
 def show_next(backend: Backend, typed_name, username: str | None = None) -> LabelView:
     """The next pair for this labeller (fewest labels first), without labelling anything."""
     name = labeller_name(backend, typed_name, username)
     store = backend.label_store()
     pair = store.next_pair_for(name)
     if pair is None and store.counts()["pairs"] == 0:
-        raise UserError("there are no pairs to label yet: put prompts in the queue and click Generate pairs")
+        raise UserError(NO_PAIRS_YET)
     return _view(backend, name, pair, f"Labelling as **{name}**.")
 
 
@@ -274,7 +285,7 @@ def record_label(backend: Backend, typed_name, pair_id, choice, username: str | 
     if choice not in CHOICE_NAMES:
         raise UserError(f"unknown choice {choice!r}: left, right, tie or skip")
     if pair_id is None:
-        raise UserError("no pair on screen: click Start labelling first")
+        raise UserError(_nothing_on_screen(backend.label_store(), name))
     pair_id = _whole(pair_id, "the pair id", 1, 2**63 - 1)
     store = backend.label_store()
     label_id = store.add_label(pair_id, name, choice)  # returns once committed (and fsynced)
