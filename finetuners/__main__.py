@@ -1,4 +1,4 @@
-"""Command line: ``python -m finetuners <command> …``.
+r"""Command line: ``python -m finetuners <command> …``.
 
     python -m finetuners sample --prompt "a red circle above a blue square" --steps 4 --out out/
     python -m finetuners sample --model stabilityai/sd-turbo --sampler ddim-trailing --steps 1 \
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from dataclasses import replace
 
@@ -501,6 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # a bad flag: one line on stderr, exit 2
+    if not args.debug:  # as in the app: transformers' notices (e.g. about torchvision) would come before the error
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args.func(args)

@@ -293,7 +293,8 @@ def test_bad_input_is_a_user_error_and_changes_nothing(random_pipeline_dir, tmp_
 
 # -- CLI ------------------------------------------------------------------------------------------
 def _cli(*args, **kw):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_VERBOSITY"}  # conftest's: as a user runs it
+    env["OMP_NUM_THREADS"] = "1"
     return subprocess.run([sys.executable, "-m", "finetuners", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=kw.get("timeout", 120))  # fmt: skip
 
@@ -308,6 +309,11 @@ def test_cli_bad_input_one_line_exit_2(tmp_path):
     r = _cli("train", "--run", str(tmp_path / "runs" / ".."))
     assert r.returncode == 2 and "invalid run name" in r.stderr
     assert not (tmp_path / "runs" / "x").exists()
+    # after diffusers is imported too: its import of transformers' image processors adds no line of its own
+    r = _cli("sample", "--prompt", "", "--out", str(tmp_path / "out"))
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: the prompt is empty: type what the image "
+                                                                   "should show"], r.stderr  # fmt: skip
+    assert not (tmp_path / "out").exists()
 
 
 def test_resume_after_sigkill(random_pipeline_dir, tmp_path):
