@@ -296,8 +296,9 @@ def updates_per_epoch(num_steps: int, pairs_per_process: int, train_batch_size: 
     whole number of accumulation groups; otherwise a ``UserError`` says so.
     """
     if pairs_per_process % train_batch_size:
-        raise UserError(f"the pairs per process ({pairs_per_process}) must be a multiple of the train batch size "
-                        f"({train_batch_size})")  # fmt: skip
+        raise UserError(f"the pairs per process ({pairs_per_process}: prompts per sampling batch × sampling batches "
+                        f"per epoch) must be a multiple of the train batch size ({train_batch_size}): raise the "
+                        f"first or lower the second")  # fmt: skip
     minibatches = pairs_per_process // train_batch_size
     if minibatches % grad_accum:
         raise UserError(f"each step column has {minibatches} minibatches, not a multiple of grad_accum "

@@ -293,8 +293,11 @@ def test_update_count_matches_the_formula_and_the_training_loop():
             updates += 1
             assert order[-1] == order[-accum]  # optimiser steps fall inside a column
     assert order == sorted(order) and updates == updates_per_epoch(k, p, bs, accum) == 10
-    with pytest.raises(UserError, match="multiple"):
+    with pytest.raises(UserError, match="multiple of grad_accum"):
         updates_per_epoch(50, 32, 2, 3)
+    with pytest.raises(UserError, match=r"pairs per process \(2: prompts per sampling batch × sampling batches per "
+                       r"epoch\) must be a multiple of the train batch size \(4\): raise the first"):  # fmt: skip
+        SDPOConfig.preset("paper", sample_batch_size=2, num_batches_per_epoch=1, train_batch_size=4)
 
 
 # -- config --------------------------------------------------------------------------------------------
