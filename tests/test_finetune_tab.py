@@ -27,6 +27,7 @@ from ui.backend import Backend, Settings
 from ui.finetune_tab import (
     CONFIG_FIELDS,
     CURVES,
+    NO_RUN_NOTE,
     SHEET_GAP,
     curve_figure,
     make_config,
@@ -174,8 +175,12 @@ def test_the_gradio_handler_shows_the_message_and_selects_nothing(backend):
     assert "there is no run named 'no-such-run'" in message
     message = on_resume(backend, "")
     assert "no run chosen" in message
-    status, *_ = on_refresh(backend, None, None)
-    assert "No run selected" in status
+    status, _, _, *curves, samples, shown = on_refresh(backend, None, None)
+    assert "No run selected" in status and samples is None
+    # each curve's frame, titled and empty, says how to fill it; the next tick sends nothing again
+    assert [f.layout.title.text for f in curves] == [CURVES[p][0] for p in CURVES]
+    assert all(not any(t.x for t in f.data) and f.layout.annotations[0].text == NO_RUN_NOTE for f in curves)
+    assert list(on_refresh(backend, None, shown)[3:-1]) == [gr.skip()] * (len(CURVES) + 1)
 
 
 def test_start_refuses_a_name_that_exists(backend, finished_run):

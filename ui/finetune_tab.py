@@ -274,13 +274,20 @@ def describe_status(info: RunInfo) -> str:
     return text
 
 
-def curve_figure(metrics: list[dict], plot: str):
+NO_RUN_NOTE = "start a run, or pick one, to see it here"
+
+
+def curve_figure(metrics: list[dict], plot: str, note: str = ""):
     """One live curve (plotly) from metrics.jsonl records: the evaluation plots have one line per step count (of
-    the first of their metrics the run records), the others one line per metric the run records."""
+    the first of their metrics the run records), the others one line per metric the run records. ``note`` is
+    written across an empty plot (no run shown yet)."""
     import plotly.graph_objects as go
 
     title, y_title, keys = CURVES[plot]
     fig = go.Figure()
+    if note:
+        fig.add_annotation(text=note, showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5,
+                           font=dict(size=13, color="#888"))  # fmt: skip
     if keys[0].startswith("eval_"):
         evals = [r for r in metrics if r.get("event") == "eval"]
         prefix = next((p for p in keys if any(k.startswith(p) for r in evals for k in r)), keys[0])
@@ -307,7 +314,10 @@ def curve_figure(metrics: list[dict], plot: str):
                       margin=dict(l=50, r=10, t=40, b=40), xaxis_title="epoch", yaxis_title=y_title,
                       xaxis_tickformat="d", legend=dict(orientation="h", y=-0.3))  # fmt: skip
     last = max((x for trace in fig.data for x in (trace.x or ())), default=0)
-    if last <= 10:  # a short run: whole epochs only (automatic ticks at 0.5 would print "1, 2, 2, 3, 3")
+    if note:  # an empty frame: no made-up axis ranges
+        fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False)
+        fig.update_yaxes(showticklabels=False, showgrid=False, zeroline=False)
+    elif last <= 10:  # a short run: whole epochs only (automatic ticks at 0.5 would print "1, 2, 2, 3, 3")
         fig.update_xaxes(dtick=1)
     return fig
 
@@ -429,9 +439,12 @@ def on_refresh(backend: Backend, name, shown: dict | None) -> tuple:
     value = name if name in names else (names[0] if names else None)
     picker = gr.update(choices=names, value=value) if names != shown.get("names") or value != name else gr.skip()
     now = {"rows": rows, "names": names, "view": None}
-    if not name:
+    if not name:  # the curves' empty frames, titled, once per page; then nothing more until a run is picked
         status = "No run selected: start one, or pick one from the list." if not names else gr.skip()
-        return status, table, picker, *[None] * len(CURVES), None, now
+        now["idle"] = True
+        if shown.get("idle"):
+            return status, table, picker, *skip_view[:-1], now
+        return status, table, picker, *[curve_figure([], p, NO_RUN_NOTE) for p in CURVES], None, now
     view, message = attempt("reading the run", run_view, backend, name, shown.get("view"))
     if message is not None:
         return error_markdown(message, "Cannot show the run"), table, picker, *skip_view[:-1], now
@@ -441,6 +454,11 @@ def on_refresh(backend: Backend, name, shown: dict | None) -> tuple:
 
 
 # -- layout ------------------------------------------------------------------------------------------------------
+def _curve_plot(key: str, elem_id: str) -> gr.Plot:
+    """A live curve's plot, showing its titled empty frame until a run is shown."""
+    return gr.Plot(curve_figure([], key, NO_RUN_NOTE), elem_id=elem_id, show_label=False)
+
+
 def build_finetune_tab(backend: Backend) -> gr.Tab:
     """Add the Fine-tune tab to the enclosing ``gr.Blocks``."""
     settings = backend.settings
@@ -516,14 +534,14 @@ def build_finetune_tab(backend: Backend) -> gr.Tab:
                 status = gr.Markdown("", elem_id="finetune-status")
                 plots = {}
                 with gr.Row():
-                    plots["reward"] = gr.Plot(elem_id="finetune-curve-reward", show_label=False)
-                    plots["accuracy"] = gr.Plot(elem_id="finetune-curve-accuracy", show_label=False)
+                    plots["reward"] = _curve_plot("reward", "finetune-curve-reward")
+                    plots["accuracy"] = _curve_plot("accuracy", "finetune-curve-accuracy")
                 with gr.Row():
-                    plots["loss"] = gr.Plot(elem_id="finetune-curve-loss", show_label=False)
-                    plots["grad_norm"] = gr.Plot(elem_id="finetune-curve-grad-norm", show_label=False)
+                    plots["loss"] = _curve_plot("loss", "finetune-curve-loss")
+                    plots["grad_norm"] = _curve_plot("grad_norm", "finetune-curve-grad-norm")
                 with gr.Row():
-                    plots["memory"] = gr.Plot(elem_id="finetune-curve-memory", show_label=False)
-                    plots["speed"] = gr.Plot(elem_id="finetune-curve-speed", show_label=False)
+                    plots["memory"] = _curve_plot("memory", "finetune-curve-memory")
+                    plots["speed"] = _curve_plot("speed", "finetune-curve-speed")
                 samples = gr.Image(label=SAMPLES_LABEL, type="pil", format="png", interactive=False,
                                    elem_id="finetune-samples", elem_classes=["pixel-gallery"],
                                    buttons=["download", "fullscreen"])  # fmt: skip
