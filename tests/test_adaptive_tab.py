@@ -22,6 +22,7 @@ from ui.adaptive_tab import (
     quality_figure,
     run_prompt,
     run_prompt_set,
+    set_prompts,
     setup_for,
     train_steps,
 )
@@ -77,6 +78,30 @@ def test_a_prompt_set_gives_the_histogram_nfe_and_quality_curve(backend, trained
     saved = 1 - view.mean_steps / int(m[1])  # a saving below zero reads "more steps", never "-12% fewer"
     assert (m[3] == "fewer") == (saved >= 0) and int(m[2]) == round(100 * abs(saved))
     assert histogram_figure(view).data[0].y is not None and len(quality_figure(view).data) == 2
+    assert view.fixed_accuracy is None  # the policy's own score is the probe's accuracy: shown once
+
+
+def test_a_policy_scored_by_another_iqs_also_shows_probe_accuracy_on_shapes_prompts(backend):
+    """A policy trained on the probe's probability (as the shipped one) is compared by its own score and, beside it,
+    by the probe's exact accuracy: the same images, rendered again here, give the same accuracies."""
+    import re
+
+    model = backend.settings.model
+    assert "saved tiny-prob" in list(train_steps(backend, model, "tiny-prob", 4, 1, "1 2", 5, 1.0,
+                                                 quality="shapes-probability"))[-1][0]  # fmt: skip
+    view = run_prompt_set(backend, model, "tiny-prob", "", 8)
+    prompts = set_prompts("", 8)
+    accuracy = ad.make_iqs("shapes-accuracy")
+    for u, got in zip((1, 2), view.fixed_accuracy):
+        images, _ = backend.run_with([model], lambda pipe, u=u: ad.render(pipe, prompts, range(8), u,
+                                                                           "ddim-trailing", 3.0))  # fmt: skip
+        assert got == pytest.approx(float(accuracy(images, prompts).mean()))
+    assert 0 <= view.adaptive_accuracy <= 1 and len(view.fixed_quality) == 2
+    assert "adaptive shapes-probability" in view.info and "adaptive probe accuracy" in view.info
+    assert len(re.findall(r"smallest fixed count within 0.01 of adaptive", view.info)) == 2
+    names = [t.name for t in quality_figure(view).data]
+    assert names == ["fixed steps · policy's score", "adaptive · policy's score", "fixed steps · probe accuracy",
+                     "adaptive · probe accuracy"]  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -261,6 +261,10 @@ class SetView:
     adaptive_quality: float | None
     mean_steps: float
     info: str
+    # the Shapes probe's exact accuracy too, where the policy's IQS is another score (e.g. the shipped policy's
+    # probability) and the probe can read the prompts and images: the measure docs/BENCHMARKS.md reports
+    fixed_accuracy: list[float] | None = None
+    adaptive_accuracy: float | None = None
 
 
 def typed_prompts(text, most: int, what: str, distinct: bool = False) -> list[str]:
@@ -284,6 +288,39 @@ def set_prompts(text, n) -> list[str]:
     return eval_prompts(_whole("number of prompts", n, 1, MAX_SET_PROMPTS))
 
 
+def _score_table(iqs, images, prompts: list[str]):
+    """Scores [P, N] of a one-seed ladder [P, 1, N, 3, H, W], or None when the IQS cannot read these prompts."""
+    import torch
+
+    p, _, n_c = images.shape[:3]
+    scores = _score(iqs, images.flatten(0, 2), [q for q in prompts for _ in range(n_c)])
+    return None if scores is None else torch.tensor(scores).view(p, n_c)
+
+
+def _probe_accuracy(backend: Backend, model: str, config: ad.AdaDiffConfig, prompts: list[str]):
+    """The Shapes probe's accuracy as a second IQS, where the policy's own is another score and the probe can read
+    these prompts on this model's images; else None."""
+    if config.quality == "shapes-accuracy":
+        return None
+    try:
+        backend.run_with([model], lambda pipe: ad.check_quality("shapes-accuracy", prompts, pipe))
+        return ad.make_iqs("shapes-accuracy")
+    except UserError:
+        return None
+
+
+def _versus_fixed(what: str, candidates, fixed: list[float], adaptive: float, mean_steps: float) -> str:
+    """One Markdown line: the adaptive score against every fixed count's, and the saving against the smallest fixed
+    count within 0.01 (one point of accuracy) of it."""
+    line = f"adaptive {what} {adaptive:.3f}; fixed: " + ", ".join(f"{u}→{q:.3f}" for u, q in zip(candidates, fixed))
+    matched = next((u for u, q in zip(candidates, fixed) if q >= adaptive - 0.01), None)
+    if matched is not None:
+        saved = 1 - mean_steps / matched
+        verdict = f"{100 * saved:.0f}% fewer steps" if saved >= 0 else f"{100 * -saved:.0f}% more steps"
+        line += f"  \nsmallest fixed count within 0.01 of adaptive: **{matched}** → **{verdict}** at matched {what}"
+    return line
+
+
 def run_prompt_set(backend: Backend, model, policy_name, prompts_text, n, progress=None) -> SetView:
     import torch
 
@@ -295,32 +332,25 @@ def run_prompt_set(backend: Backend, model, policy_name, prompts_text, n, progre
     hist = torch.bincount(idx, minlength=len(config.candidates)).tolist()
     mean_steps = sum(steps) / len(steps)
     nfe = mean_steps * (2 if config.guidance > 1 else 1)
-    iqs = _iqs(config)
-    fixed = adaptive = None
-    if iqs is not None:
+    scorers = {config.quality: _iqs(config), "probe accuracy": _probe_accuracy(backend, model, config, prompts)}
+    tables = {}
+    if any(scorers.values()):
         images = _drain(_ladder(backend, model, prompts, torch.arange(len(prompts))[:, None], config), progress)
-        p, _, n_c = images.shape[:3]
-        scores = _score(iqs, images.flatten(0, 2), [q for q in prompts for _ in range(n_c)])
-        if scores is not None:
-            table = torch.tensor(scores).view(p, n_c)
-            fixed = table.mean(0).tolist()
-            adaptive = float(table[torch.arange(p), idx].mean())
+        tables = {what: table for what, iqs in scorers.items()
+                  if iqs is not None and (table := _score_table(iqs, images, prompts)) is not None}  # fmt: skip
+    curves = {what: (table.mean(0).tolist(), float(table[torch.arange(len(prompts)), idx].mean()))
+              for what, table in tables.items()}  # fmt: skip
     u_max = config.candidates[-1]
     info = (f"**{len(prompts)} prompts · mean {mean_steps:.2f} steps** ({nfe:.2f} network evaluations per image; "
             f"fixed {u_max} steps: {u_max * (2 if config.guidance > 1 else 1)}) · "
             f"{100 * (1 - mean_steps / u_max):.0f}% fewer steps than {u_max}")  # fmt: skip
-    if adaptive is not None:
-        matched = next((u for u, q in zip(config.candidates, fixed) if q >= adaptive - 0.01), None)
-        info += f"  \nadaptive {config.quality} {adaptive:.3f}; fixed: " + ", ".join(
-            f"{u}→{q:.3f}" for u, q in zip(config.candidates, fixed))  # fmt: skip
-        if matched is not None:
-            saved = 1 - mean_steps / matched
-            verdict = f"{100 * saved:.0f}% fewer steps" if saved >= 0 else f"{100 * -saved:.0f}% more steps"
-            info += (f"  \nsmallest fixed count within 0.01 of adaptive: **{matched}** → **{verdict}** at matched "
-                     "quality")  # fmt: skip
-    else:
+    for what, (fixed, adaptive) in curves.items():
+        info += "  \n" + _versus_fixed(what, config.candidates, fixed, adaptive, mean_steps)
+    if config.quality not in curves:
         info += f"  \nno quality curve: {config.quality} cannot score these prompts"
-    return SetView(config.candidates, hist, fixed, adaptive, mean_steps, info)
+    fixed, adaptive = curves.get(config.quality, (None, None))
+    fixed_acc, adaptive_acc = curves.get("probe accuracy", (None, None))
+    return SetView(config.candidates, hist, fixed, adaptive, mean_steps, info, fixed_acc, adaptive_acc)
 
 
 def histogram_figure(view: SetView):
@@ -338,11 +368,18 @@ def quality_figure(view: SetView):
     import plotly.graph_objects as go
 
     fig = go.Figure()
-    if view.fixed_quality is not None:
-        fig.add_trace(go.Scatter(x=list(view.candidates), y=view.fixed_quality, mode="lines+markers",
-                                 name="fixed steps", line=dict(color=COLORS["fixed"])))  # fmt: skip
-        fig.add_trace(go.Scatter(x=[view.mean_steps], y=[view.adaptive_quality], mode="markers", name="adaptive",
-                                 marker=dict(color=COLORS["adaptive"], size=14, symbol="star")))  # fmt: skip
+    both = view.fixed_quality is not None and view.fixed_accuracy is not None
+    for fixed, adaptive, what, dash, symbol in [
+        (view.fixed_quality, view.adaptive_quality, "policy's score", "solid", "star"),
+        (view.fixed_accuracy, view.adaptive_accuracy, "probe accuracy", "dot", "diamond"),
+    ]:  # fmt: skip
+        if fixed is None:
+            continue
+        tag = f" · {what}" if both else ""
+        fig.add_trace(go.Scatter(x=list(view.candidates), y=fixed, mode="lines+markers", name=f"fixed steps{tag}",
+                                 line=dict(color=COLORS["fixed"], dash=dash)))  # fmt: skip
+        fig.add_trace(go.Scatter(x=[view.mean_steps], y=[adaptive], mode="markers", name=f"adaptive{tag}",
+                                 marker=dict(color=COLORS["adaptive"], size=14, symbol=symbol)))  # fmt: skip
     fig.update_layout(title=dict(text="quality vs mean steps", font=dict(size=14)), template="plotly_white",
                       height=300, margin=dict(l=48, r=16, t=44, b=44), xaxis=dict(title="mean steps"),
                       yaxis=dict(title="quality"), legend=dict(orientation="h", y=-0.25))  # fmt: skip
