@@ -79,17 +79,17 @@ class TrainConfig:
 SHAPES_DEFAULTS = ModelDefaults(sampler="ddim", steps=20, guidance=3.0)
 
 PRESETS = {
-    "smoke": TrainConfig(
-        n_images=512,
-        vae_steps=20,
-        vae_batch=16,
-        probe_steps=20,
-        probe_batch=32,
+    "smoke": TrainConfig(  # every stage, each a few small steps: a test of the script, not of the weights
+        n_images=128,
+        vae_steps=10,
+        vae_batch=8,
+        probe_steps=10,
+        probe_batch=16,
         unet_steps=20,
-        unet_batch=16,
-        eval_prompts=16,
+        unet_batch=8,
+        eval_prompts=12,
         eval_steps=4,
-        probe_heldout=256,
+        probe_heldout=64,
     ),
     "cpu": TrainConfig(),  # about an hour on 2 CPU cores
     "full": TrainConfig(
