@@ -1,4 +1,4 @@
-"""AdaDiff on Shapes: average steps of the adaptive policy against fixed step counts, on held-out prompts.
+r"""AdaDiff on Shapes: average steps of the adaptive policy against fixed step counts, on held-out prompts.
 
     python bench/adadiff_shapes.py [--model shapes] [--n-eval 1000] [--n-train 1000] [--seeds 2] \
         [--candidates 1 2 3 4 6 8] [--sampler ddim-trailing] [--guidance 3] [--cache bench/.cache] [--fold-seeds 4]

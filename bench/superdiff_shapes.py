@@ -1,4 +1,4 @@
-"""SuperDiff on the Shapes world (ALGORITHMS.md §4): does AND compose, does OR cover both modes, what does it cost.
+r"""SuperDiff on the Shapes world (ALGORITHMS.md §4): does AND compose, does OR cover both modes, what does it cost.
 
     python bench/superdiff_shapes.py [--model shapes] [--probe assets/shapes-probe] [--n 64] [--steps 100] \
         [--objects "a red circle" "a blue square"]
