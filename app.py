@@ -8,9 +8,11 @@ only on request. A bad flag prints one line on stderr and exits with status 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
 import logging
 import os
+import socket
 import sys
 from typing import TYPE_CHECKING
 
@@ -140,6 +142,20 @@ def build_app(backend) -> gr.Blocks:
     return demo
 
 
+def check_port_free(host: str, port: int) -> None:
+    """A ``UserError`` when ``host:port`` cannot be listened on (most often another app on it), said before the models
+    load, not after. The server binds as this check does (SO_REUSEADDR); the launch still reports a port taken
+    meanwhile."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(address)
+    except OSError as e:
+        why = "the port is in use (another app?)" if getattr(e, "errno", None) == errno.EADDRINUSE else e.strerror or e
+        raise UserError(f"cannot listen on {host}:{port}: {why}; choose another with --port") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not args.debug:  # transformers' notices (e.g. about torchvision) are noise for someone starting the app
@@ -149,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     from ui.backend import Backend
 
     try:
+        check_port_free(args.host, args.port)
         backend = Backend(settings_from_args(args))
         backend.preload()
     except UserError as e:

@@ -169,6 +169,24 @@ def test_bad_flags_exit_2_with_one_line(capsys, argv, message):
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
 
 
+def test_a_port_in_use_is_said_before_any_model_loads(capsys, monkeypatch):
+    import socket
+
+    import app
+    import ui.backend
+
+    monkeypatch.setattr(ui.backend, "Backend", lambda *a, **k: pytest.fail("the model was loaded"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert app.main(["--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: cannot listen on 127.0.0.1:{port}: the port is in use (another app?); choose another with " \
+                  "--port"  # fmt: skip
+    app.check_port_free("127.0.0.1", port)  # free again once the other socket is closed
+
+
 def test_unknown_flag_exits_2_with_one_line(capsys):
     import app
 
