@@ -471,7 +471,8 @@ def build_finetune_tab(backend: Backend) -> gr.Tab:
                                   info="SDPO: dense stepwise rewards; DDPO: the PPO baseline; RLR: first-, half- and "
                                        "zeroth-order gradient mix; DRaFT-K / full backprop: the reward "
                                        "backpropagated through the last K' / all steps (these three need a "
-                                       "differentiable reward)")  # fmt: skip
+                                       "differentiable reward). On the Shapes model, full backprop and RLR lift "
+                                       "1- and 2-step accuracy the most in minutes (docs/BENCHMARKS.md)")  # fmt: skip
                 choices = reward_choices(backend)
                 reward = gr.Dropdown(choices, value="shapes-probe", label="Reward", elem_id="finetune-reward-name")
                 weights = gr.Textbox(label="Reward weights", placeholder="folder of a downloaded scorer's weights",
