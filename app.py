@@ -152,7 +152,7 @@ def check_port_free(host: str, port: int) -> None:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind(address)
     except OSError as e:
-        why = "the port is in use (another app?)" if getattr(e, "errno", None) == errno.EADDRINUSE else e.strerror or e
+        why = "the port is in use (another app?)" if e.errno == errno.EADDRINUSE else e.strerror or e
         raise UserError(f"cannot listen on {host}:{port}: {why}; choose another with --port") from None
 
 

@@ -91,11 +91,7 @@ def cached_ladder(pipe, name: str, prompts, seeds, args, cache: Path) -> adadiff
 
 def score(ladder: adadiff.Ladder, iqs) -> torch.Tensor:
     """[P, S, N] IQS of every cached image."""
-    p, s, n = ladder.images.shape[:3]
-    flat = ladder.images.flatten(0, 2)
-    prompts = [q for q in ladder.prompts for _ in range(s * n)]
-    out = torch.cat([iqs(flat[i : i + 2048], prompts[i : i + 2048]) for i in range(0, len(prompts), 2048)])
-    return out.view(p, s, n)
+    return adadiff.score_images(ladder.images, ladder.prompts, iqs)
 
 
 def fixed_steps_for(fixed: dict[int, float], accuracy: float) -> float | None:

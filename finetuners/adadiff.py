@@ -453,6 +453,17 @@ def build_quality_table(pipe, prompts: Sequence[str], candidates: Sequence[int],
                   time.perf_counter() - start, nfe)  # fmt: skip
 
 
+def score_images(images: torch.Tensor, prompts: Sequence[str], iqs: Callable, chunk: int = 2048) -> torch.Tensor:
+    """IQS [P, S, N] of a rendered ladder's images [P, S, N, 3, H, W] (prompt p's images all scored against
+    ``prompts[p]``), ``chunk`` images per call."""
+    p, s, n = images.shape[:3]
+    flat = images.flatten(0, 2)
+    flat_prompts = [q for q in prompts for _ in range(s * n)]
+    out = [torch.as_tensor(iqs(flat[i : i + chunk], flat_prompts[i : i + chunk]), dtype=torch.float32).flatten().cpu()
+           for i in range(0, len(flat_prompts), chunk)]  # fmt: skip
+    return torch.cat(out).view(p, s, n)
+
+
 # IQS names beyond the reward registry: (registry reward, transform of its value)
 IQS_ALIASES = {"shapes-probability": ("shapes-probe", torch.exp)}  # P(image satisfies prompt) ∈ [0, 1]: a soft accuracy
 

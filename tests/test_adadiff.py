@@ -251,6 +251,26 @@ def test_render_matches_generate_and_the_ladder_scores_every_candidate(random_pi
     assert sum(calls) == 2 * 2 * 2 and ladder.nfe == 2 * 2 * (1 + 2) * 2
 
 
+def test_score_images_scores_each_ladder_image_against_its_own_prompt_in_chunks():
+    """Image [p, s, n] holds the value 100·p + 10·s + n; the IQS adds the prompt's length, so a wrong pairing or
+    order shows, and chunks of 4 split prompts and seeds alike."""
+    import torch
+
+    p, s, n = 3, 2, 5
+    value = (100 * torch.arange(p)[:, None, None] + 10 * torch.arange(s)[None, :, None] + torch.arange(n)).float()
+    images = value[..., None, None, None].expand(p, s, n, 3, 2, 2).contiguous()
+    prompts = ["a", "bb", "ccc"]
+    calls = []
+
+    def iqs(x, ps):
+        calls.append(len(ps))
+        return x.mean((1, 2, 3)) + torch.tensor([len(q) for q in ps], dtype=torch.float32)
+
+    scores = ad.score_images(images, prompts, iqs, chunk=4)
+    assert torch.equal(scores, value + torch.tensor([1.0, 2.0, 3.0])[:, None, None])
+    assert calls == [4] * 7 + [2]  # 30 images
+
+
 def test_choose_steps_and_adaptive_generation(random_pipe):
     features = ad.text_features(random_pipe, ["a red circle", "a red circle on the left"])
     assert features.shape == (2, 2 * random_pipe.text_encoder.config.hidden_size)

@@ -141,12 +141,13 @@ def _iqs(config: ad.AdaDiffConfig):
         return None
 
 
-def _score(iqs, images, prompts) -> list[float] | None:
-    """Scores of the images, or None when the IQS cannot read these prompts (e.g. not Shapes captions)."""
+def _score_table(iqs, images, prompts: list[str]):
+    """Scores [P, N] of a one-seed ladder [P, 1, N, 3, H, W], or None without an IQS or when it cannot read these
+    prompts (e.g. not Shapes captions)."""
     if iqs is None:
         return None
     try:
-        return iqs(images, prompts).tolist()
+        return ad.score_images(images, prompts, iqs)[:, 0]
     except ValueError as e:
         log.info("no quality scores: %s", e)
         return None
@@ -220,8 +221,10 @@ def run_prompt(backend: Backend, model, policy_name, prompt, seed, progress=None
     steps, probs = backend.run_with([model], lambda pipe: ad.choose_steps(pipe, policy, [prompt]))
     import torch
 
-    images = _drain(_ladder(backend, model, [prompt], torch.tensor([[seed]]), config), progress)[0, 0]  # [N, …]
-    scores = _score(_iqs(config), images, [prompt] * len(config.candidates))
+    ladder = _drain(_ladder(backend, model, [prompt], torch.tensor([[seed]]), config), progress)
+    images = ladder[0, 0]  # [N, 3, H, W]
+    table = _score_table(_iqs(config), ladder, [prompt])
+    scores = table[0].tolist() if table is not None else None
     px = backend.settings.display_px // 2
     gallery = []
     for j, u in enumerate(config.candidates):
@@ -288,15 +291,6 @@ def set_prompts(text, n) -> list[str]:
     return eval_prompts(_whole("number of prompts", n, 1, MAX_SET_PROMPTS))
 
 
-def _score_table(iqs, images, prompts: list[str]):
-    """Scores [P, N] of a one-seed ladder [P, 1, N, 3, H, W], or None when the IQS cannot read these prompts."""
-    import torch
-
-    p, _, n_c = images.shape[:3]
-    scores = _score(iqs, images.flatten(0, 2), [q for q in prompts for _ in range(n_c)])
-    return None if scores is None else torch.tensor(scores).view(p, n_c)
-
-
 def _probe_accuracy(backend: Backend, model: str, config: ad.AdaDiffConfig, prompts: list[str]):
     """The Shapes probe's accuracy as a second IQS, where the policy's own is another score and the probe can read
     these prompts on this model's images; else None."""
@@ -337,7 +331,7 @@ def run_prompt_set(backend: Backend, model, policy_name, prompts_text, n, progre
     if any(scorers.values()):
         images = _drain(_ladder(backend, model, prompts, torch.arange(len(prompts))[:, None], config), progress)
         tables = {what: table for what, iqs in scorers.items()
-                  if iqs is not None and (table := _score_table(iqs, images, prompts)) is not None}  # fmt: skip
+                  if (table := _score_table(iqs, images, prompts)) is not None}  # fmt: skip
     curves = {what: (table.mean(0).tolist(), float(table[torch.arange(len(prompts)), idx].mean()))
               for what, table in tables.items()}  # fmt: skip
     u_max = config.candidates[-1]
@@ -430,9 +424,7 @@ def train_steps(backend: Backend, model, name, n_prompts, seeds, candidates_text
             images = stop.value
             break
         yield f"**ladder {100 * fraction:.0f}%** — {text}", None
-    p, s, n = images.shape[:3]
-    scores = iqs(images.flatten(0, 2), [q for q in prompts for _ in range(s * n)]).view(p, s, n)
-    ladder = ad.Ladder(prompts, seeds, config.candidates, scores)
+    ladder = ad.Ladder(prompts, seeds, config.candidates, ad.score_images(images, prompts, iqs))
     rewards = ad.config_rewards(ladder.quality, config)
     yield "training the policy on the cached reward table…", None
     result = ad.train_policy(features, rewards, config)
