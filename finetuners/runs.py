@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .imageio import atomic_write_bytes, atomic_write_folder
-from .names import check_name, child_folder, is_valid_name
+from .names import check_name, child_folder, is_valid_name, typed_path
 
 STATES = ("running", "stopped", "finished", "failed")
 MAX_RUN_NAME = 100
@@ -301,7 +301,8 @@ def load_pipeline(model: str, device, dtype=None, *, runs_root: str | Path = "ru
 
     if is_checkpoint_ref(model):
         return load_checkpoint_pipeline(runs_root, model, device, dtype)
-    if Path(model).is_dir() and (found := checkpoint_in(model)) is not None:
+    folder = typed_path(model, "model path")  # an over-long or NUL-holding name: a message, not an OSError
+    if folder.is_dir() and (found := checkpoint_in(folder)) is not None:
         return load_checkpoint_pipeline(found[0], found[1], device, dtype)
     return load_model(model, device, dtype, allow_download=allow_download)
 

@@ -22,12 +22,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 
 from finetuners.errors import UserError
 
-FUZZ = settings(max_examples=30, deadline=None, derandomize=True,
+# The default run replays the same 30 examples per test; FINETUNERS_FUZZ_EXAMPLES=N draws N fresh ones (a longer hunt).
+_HUNT = int(os.environ.get("FINETUNERS_FUZZ_EXAMPLES", "0") or 0)
+FUZZ = settings(max_examples=_HUNT or 30, deadline=None, derandomize=not _HUNT,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])  # fmt: skip
 
 # -- strategies ------------------------------------------------------------------------------------------------
@@ -461,6 +463,7 @@ SAMPLE_CLI_FIELDS = dict(prompt=texts, steps=st.sampled_from(["2", "0", "-1", "9
 
 @FUZZ
 @given(v=mutated(SAMPLE_CLI, SAMPLE_CLI_FIELDS))
+@example(v={**SAMPLE_CLI, "model": "x" * 300})  # found by a 300-example hunt: an OSError (name too long), exit 1
 def test_cli_sample(box, cli_loader, v):
     argv = ["sample", "--prompt", v["prompt"], "--steps", v["steps"], "--batch", v["batch"], "--seed", v["seed"],
             "--eta", v["eta"], "--guidance", v["guidance"], "--model", v["model"], "--out", f"cli/{v['out']}",
