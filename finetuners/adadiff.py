@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
-from .names import check_name, child_folder, is_valid_name
+from .names import check_name, child_folder, is_valid_name, typed_path
 
 log = logging.getLogger(__name__)
 
@@ -702,5 +702,5 @@ def fit(pipe, prompts: Sequence[str], config: AdaDiffConfig, iqs: Callable, *, l
 
 def split_policy_arg(path: str | Path) -> Path:
     """``--out policies/NAME``: the parent is the policies folder and the last part the validated name."""
-    p = Path(path)
+    p = typed_path(path, "--out folder")  # an over-long or NUL-holding path: a message, not an OSError
     return policy_path(p.parent, p.name)
