@@ -100,6 +100,8 @@ def cmd_adapt_train(args: argparse.Namespace) -> int:
     from .runs import load_pipeline
 
     folder = ad.split_policy_arg(args.out)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--out {str(folder)!r} is a file: choose a new folder")
     if folder.exists() and any(folder.iterdir()):
         raise UserError(f"--out {str(folder)!r} already holds files: choose a new folder")
     # checked now, before the model loads; what is left unset follows the model (ad.suggested_setup) once loaded

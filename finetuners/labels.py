@@ -172,6 +172,12 @@ def _check_text(value: Any, what: str, limit: int, *, empty_ok: bool = False) ->
     return value
 
 
+def check_prompt(value: Any) -> str:
+    """A pair's prompt as the store keeps it (stripped), or the ``UserError`` ``add_pair`` would raise for it: a
+    caller checks a whole queue this way before it stores the first pair."""
+    return _check_text(value, "the prompt", MAX_PROMPT_CHARS)
+
+
 def _dump_meta(meta: Any) -> str:
     if meta is None:
         meta = {}
@@ -468,7 +474,7 @@ class LabelStore:
         ``image_0`` / ``image_1``: PNG bytes (other image bytes, PIL images and tensors [3, H, W] in [0, 1]
         are converted to PNG). ``model_*``: the generator id (checkpoint, steps, sampler, guidance).
         ``meta``: JSON-serialisable generation settings (seeds ...). Files first, then the row."""
-        prompt = _check_text(prompt, "the prompt", MAX_PROMPT_CHARS)
+        prompt = check_prompt(prompt)
         model_0 = _check_text(model_0, "model_0", MAX_MODEL_CHARS)
         model_1 = _check_text(model_1, "model_1", MAX_MODEL_CHARS)
         meta_json = _dump_meta(meta)

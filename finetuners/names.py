@@ -32,11 +32,14 @@ def check_name(name, what: str, max_chars: int) -> str:
 
 
 def child_folder(root: str | Path, name, what: str, max_chars: int, folder_word: str) -> Path:
-    """``root/name`` resolved, refusing any name that could leave ``root`` (``folder_word``: "runs"…)."""
-    root = Path(root).resolve()
+    """``root/name`` resolved, refusing any name that could leave ``root`` (``folder_word``: "runs"…), and a root
+    (typed: ``--runs``, ``--run``'s parent) that no filesystem call could take."""
+    root = typed_path(root, f"{folder_word} folder").resolve()
     path = (root / check_name(name, what, max_chars)).resolve()
     if path.parent != root:
         raise UserError(f"{what} name {name!r} escapes the {folder_word} folder")
+    if len(os.fsencode(path)) > PATH_MAX_BYTES:
+        raise UserError(f"the {what} folder's path is too long (at most {PATH_MAX_BYTES} bytes in all)")
     return path
 
 

@@ -507,6 +507,7 @@ ADAPT_CLI_FIELDS = dict(out=paths, prompts=numbers.map(str), epochs=numbers.map(
 @FUZZ
 @given(v=mutated(ADAPT_CLI, ADAPT_CLI_FIELDS))
 @example(v={**ADAPT_CLI, "out": "a/" * 2100})  # found by a 300-example hunt: an OSError (name too long), exit 1
+@example(v={**ADAPT_CLI, "out": "/etc/passwd"})  # found by another: NotADirectoryError, exit 1
 def test_cli_adapt_train(box, cli_loader, v):
     """The model loader stops the command once every setting has been checked (rendering would take minutes)."""
     import finetuners.models as models

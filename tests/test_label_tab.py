@@ -136,7 +136,8 @@ def test_the_queue_comes_from_text_and_a_prompt_list_file(tmp_path):
 BAD_GENERATE = [
     (dict(queue=""), "the prompt queue is empty"),
     (dict(queue="  \n# only a comment\n"), "the prompt queue is empty"),
-    (dict(queue="x" * 1001), "prompt 1 is too long"),
+    (dict(queue="x" * 1001), "prompt 1: the prompt is too long"),
+    (dict(queue="a red circle\r\x1b"), "prompt 2: the prompt contains control characters"),  # found by a fuzz hunt
     (dict(queue="p\n" * 501), "at most 500 per click"),
     (dict(kind="bogus"), "unknown pair source"),
     (dict(kind="checkpoints", model_b=None), "no model chosen"),

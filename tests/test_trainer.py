@@ -120,6 +120,21 @@ def test_run_names_cannot_escape(tmp_path, name):
         run_path(tmp_path, name)
 
 
+@pytest.mark.parametrize("root", ["x" * 300, "a/" * 2100, "a\x00b"])
+def test_a_runs_folder_no_filesystem_call_could_take_is_refused_in_words(tmp_path, root):
+    """``--runs`` or ``--run``'s parent, typed: an over-long part or path, or a NUL byte, is a message, not the
+    OSError (ENAMETOOLONG) or ValueError its first stat would raise; and so is a short root whose folder, once
+    resolved under a deep working folder, would pass the path limit."""
+    from finetuners.runs import run_path
+
+    with pytest.raises(UserError, match="runs folder"):
+        run_path(root, "fine-name")
+    deep = tmp_path / "/".join(["d" * 200] * 19)
+    deep = deep / ("d" * (4090 - len(str(deep)) - 1))  # a 4090-byte root: 'fine-name' in it passes 4095
+    with pytest.raises(UserError, match="path is too long"):
+        run_path(deep, "fine-name")
+
+
 # -- driver ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["sdpo", "ddpo"])
 def test_two_epoch_run_writes_the_folder(random_pipeline_dir, tmp_path, method):

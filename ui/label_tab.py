@@ -34,7 +34,8 @@ import gradio as gr
 from PIL import Image
 
 from finetuners.errors import UserError
-from finetuners.generate import LIMITS, MAX_PROMPT_CHARS, SampleRequest, check_prompt_fits
+from finetuners.generate import LIMITS, SampleRequest, check_prompt_fits
+from finetuners.labels import check_prompt
 from finetuners.names import typed_path
 
 from .backend import Backend
@@ -98,9 +99,11 @@ def parse_queue(text: str | None, file_path: str | None = None) -> list[str]:
         raise UserError("the prompt queue is empty: type prompts, one per line, or upload a prompt list")
     if len(prompts) > MAX_QUEUE:
         raise UserError(f"the queue holds {len(prompts)} prompts; at most {MAX_QUEUE} per click")
-    for n, p in enumerate(prompts, 1):
-        if len(p) > MAX_PROMPT_CHARS:
-            raise UserError(f"prompt {n} is too long ({len(p)} characters; at most {MAX_PROMPT_CHARS})")
+    for n, p in enumerate(prompts, 1):  # the store's own checks, so that no pair is stored before a bad prompt
+        try:
+            check_prompt(p)
+        except UserError as e:
+            raise UserError(f"prompt {n}: {e}") from e
     return prompts
 
 
