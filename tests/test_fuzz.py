@@ -470,6 +470,8 @@ def test_cli_sample(box, cli_loader, v):
             "--device", v["device"], "--dtype", v["dtype"]]  # fmt: skip
     try:
         out = (box.cwd / "cli" / v["out"]).resolve() if "\x00" not in v["out"] and v["out"].isprintable() else None
+        # "cli/.." names the sandbox's working folder itself, which the CLI rightly writes into: not this test's case
+        assume(out is None or out.is_relative_to((box.cwd / "cli").resolve()))
         code, _ = _check_cli(box, argv, out)
     finally:  # the sandbox's working folder must stay empty for the other tests
         shutil.rmtree(box.cwd / "cli", ignore_errors=True)
