@@ -97,12 +97,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_adapt_train(args: argparse.Namespace) -> int:
     """AdaDiff (ALGORITHMS.md §3): render every training prompt's ladder once, then REINFORCE on the cached table."""
     from . import adadiff as ad
+    from .names import entries_of_new_folder
     from .runs import load_pipeline
 
     folder = ad.split_policy_arg(args.out)
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"--out {str(folder)!r} is a file: choose a new folder")
-    if folder.exists() and any(folder.iterdir()):
+    if entries_of_new_folder(folder, "--out"):
         raise UserError(f"--out {str(folder)!r} already holds files: choose a new folder")
     # checked now, before the model loads; what is left unset follows the model (ad.suggested_setup) once loaded
     candidates = tuple(args.candidates) if args.candidates else ad.CANDIDATE_SETS[args.candidate_set or "shapes"]

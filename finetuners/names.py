@@ -63,3 +63,13 @@ def typed_path(text, what: str) -> Path:
         return Path(text).expanduser()
     except RuntimeError as e:  # "~nobody/x": no such user, or no home folder
         raise UserError(f"the {what} {text!r} starts with '~' but that home folder is unknown") from e
+
+
+def entries_of_new_folder(folder: Path, what: str) -> list[str]:
+    """The names in ``folder``, which a new run or policy is about to fill ([] when it does not exist yet), for the
+    caller to refuse a folder that already holds something; ``UserError`` when ``folder`` is a file."""
+    if not folder.exists():
+        return []
+    if not folder.is_dir():
+        raise UserError(f"{what} {str(folder)!r} is a file, not a folder: choose another")
+    return [p.name for p in folder.iterdir()]

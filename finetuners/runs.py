@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .imageio import atomic_write_bytes, atomic_write_folder
-from .names import check_name, child_folder, is_valid_name, typed_path
+from .names import check_name, child_folder, entries_of_new_folder, is_valid_name, typed_path
 
 STATES = ("running", "stopped", "finished", "failed")
 MAX_RUN_NAME = 100
@@ -101,7 +101,7 @@ def new_run_record(run_dir: Path, model: str, **record) -> dict:
     ``UserError`` if ``run_dir`` already holds anything but the run manager's launch files."""
     from .models import resolve_model_path
 
-    if run_dir.exists() and not all(is_launch_file(p.name) for p in run_dir.iterdir()):
+    if not all(is_launch_file(name) for name in entries_of_new_folder(run_dir, "run folder")):
         raise UserError(f"run folder {str(run_dir)!r} already exists and is not empty; "
                         "use --resume to continue it or choose another name")  # fmt: skip
     folder = resolve_model_path(model)

@@ -120,6 +120,17 @@ def test_run_names_cannot_escape(tmp_path, name):
         run_path(tmp_path, name)
 
 
+def test_a_run_folder_that_is_a_file_is_refused_in_words(tmp_path):
+    """``train --run FILE`` (and ``sadm``): a message, not the NotADirectoryError of listing it."""
+    from finetuners.runs import new_run_record
+
+    file = tmp_path / "taken"
+    file.write_text("not a run")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        new_run_record(file, "shapes")
+    assert file.read_text() == "not a run"
+
+
 @pytest.mark.parametrize("root", ["x" * 300, "a/" * 2100, "a\x00b"])
 def test_a_runs_folder_no_filesystem_call_could_take_is_refused_in_words(tmp_path, root):
     """``--runs`` or ``--run``'s parent, typed: an over-long part or path, or a NUL byte, is a message, not the
