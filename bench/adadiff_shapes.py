@@ -135,6 +135,13 @@ def template_oracle(per_template: dict, fixed: dict[int, float], floor: float) -
     return best
 
 
+def template_masks(prompts: list[str]) -> dict[str, torch.Tensor]:
+    """{template: bool mask [P] of the prompts in it}, in ``TEMPLATES`` order, for the templates present."""
+    kinds = [parse_prompt(p).template for p in prompts]
+    masks = {t: torch.tensor([k == t for k in kinds]) for t in TEMPLATES}
+    return {t: m for t, m in masks.items() if m.any()}
+
+
 CELLS = {  # attributes an attribute-cell oracle may read from a prompt, beyond its template
     "template": lambda s: (),
     "template + relation or position word": lambda s: (s.relation or s.position,),
@@ -289,12 +296,8 @@ def main() -> None:
     hist = torch.bincount(idx, minlength=len(u)).float()
     gen = torch.Generator().manual_seed(0)
     rand = torch.multinomial(hist / hist.sum(), len(held_out), replacement=True, generator=gen)
-    kinds = [parse_prompt(p).template for p in held_out]
     per_template = {}
-    for t in TEMPLATES:
-        m = torch.tensor([k == t for k in kinds])
-        if not m.any():
-            continue
+    for t, m in template_masks(held_out).items():
         per_template[t] = {
             "n": int(m.sum()),
             "mean_steps": float(u[idx[m]].mean()),

@@ -28,11 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from adadiff_shapes import template_oracle  # noqa: E402
+from adadiff_shapes import template_masks, template_oracle  # noqa: E402
 
 from finetuners.models import load_model  # noqa: E402
 from finetuners.rewards import make_reward  # noqa: E402
-from finetuners.shapes.world import TEMPLATES, eval_prompts, parse_prompt  # noqa: E402
+from finetuners.shapes.world import eval_prompts  # noqa: E402
 
 SOLVERS = {  # name → (diffusers scheduler class, extra config), every one on trailing timesteps
     "ddim": ("DDIMScheduler", {}),
@@ -78,7 +78,7 @@ def main() -> None:
     config = pipe.scheduler.config
     accuracy = make_reward("shapes-accuracy", "cpu", None)
     prompts = eval_prompts(args.n_eval)
-    kinds = [parse_prompt(p).template for p in prompts]
+    masks = template_masks(prompts)
     figures = {}
     for name in args.solvers:
         cls, extra = SOLVERS[name]
@@ -86,12 +86,9 @@ def main() -> None:
         t0 = time.perf_counter()
         acc = ladder_accuracy(pipe, prompts, args.candidates, args.guidance, accuracy)
         fixed = {u: float(acc[:, j].mean()) for j, u in enumerate(args.candidates)}
-        per_template = {}
-        for t in TEMPLATES:
-            m = torch.tensor([k == t for k in kinds])
-            if m.any():
-                by_count = {u: float(acc[m, j].mean()) for j, u in enumerate(args.candidates)}
-                per_template[t] = {"n": int(m.sum()), "fixed_accuracy": by_count}
+        per_template = {t: {"n": int(m.sum()), "fixed_accuracy": {u: float(acc[m, j].mean())
+                                                                  for j, u in enumerate(args.candidates)}}
+                        for t, m in masks.items()}  # fmt: skip
         figures[name] = {"scheduler": cls, "seconds": time.perf_counter() - t0, "fixed_accuracy": fixed,
                          "per_template": per_template,
                          "template_oracle": {f: template_oracle(per_template, fixed, f) for f in FLOORS}}  # fmt: skip
