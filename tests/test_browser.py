@@ -141,6 +141,14 @@ def _start_tiny_run(page, name: str, epochs: int) -> None:
     page.locator("#finetune-start").click()
 
 
+def test_picking_a_method_sets_its_train_steps(page):
+    page.get_by_role("tab", name="Fine-tune").click()
+    k = page.locator("#finetune-k input").first
+    for method, steps in [("Full backprop", "2"), ("DDPO", "8"), ("RLR", "2"), ("SDPO", "8")]:
+        page.locator("#finetune-method").get_by_label(method, exact=True).check()
+        page.wait_for_function("([el, v]) => el.value === v", arg=[k.element_handle(), steps], timeout=10_000)
+
+
 def test_finetune_run_grows_its_curve_and_stops(page):
     _start_tiny_run(page, "browser-run", epochs=1000)
     status = page.locator("#finetune-status")

@@ -27,10 +27,13 @@ from ui.backend import Backend, Settings
 from ui.finetune_tab import (
     CONFIG_FIELDS,
     CURVES,
+    METHOD_STEPS,
+    METHODS,
     NO_RUN_NOTE,
     SHEET_GAP,
     curve_figure,
     make_config,
+    method_steps,
     on_refresh,
     on_resume,
     on_start,
@@ -120,6 +123,16 @@ def test_rlr_settings_reach_the_run_config(backend):
     assert config.method == "rlr" and config.rlr.h == 1 and config.rlr.zo_mode == "spsa"
     assert config.rlr.s_nu == 0.01 and config.rlr.truncation == 3
     assert make_config(backend, **{**TINY, "method": "DRaFT-K", "reward": "shapes-probe"}).method == "draft"
+
+
+def test_picking_a_method_sets_its_train_steps_and_the_form_then_starts(backend):
+    """SDPO and DDPO train 8-step trajectories, the methods that backpropagate the reward 2 (the CLI's default); SADM
+    samples none and keeps what the form shows. Each method's K is a valid start with the rest of the form."""
+    assert [method_steps(m, 5) for m in METHODS] == [8, 8, 2, 2, 2, 5]
+    assert set(METHOD_STEPS) == set(METHODS) - {"SADM-style"}
+    for method, k in METHOD_STEPS.items():
+        config = make_config(backend, **{**TINY, "method": method, "reward": "shapes-probe", "train_steps": k})
+        assert (config.method, config.algo.num_steps) == (METHODS[method], k)
 
 
 def test_a_shapes_reward_for_a_model_that_draws_other_images_is_refused(backend, monkeypatch):

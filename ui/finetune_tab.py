@@ -37,6 +37,11 @@ METHODS = {
     "Full backprop": "bptt",
     "SADM-style": "sadm",
 }
+# The train steps K a method starts with when picked: K = 8 for the policy-gradient methods (ALGORITHMS.md's Shapes
+# preset; it keeps 4 and 8 steps while 1 and 2 improve), K = 2 for those that backpropagate the reward (the CLI's
+# default, and the K of the reward-per-minute figures in docs/BENCHMARKS.md: the gradient reaches the step from
+# t = 999, the 1-step model's only one, with a quarter of K = 8's UNet calls). SADM samples no trajectories.
+METHOD_STEPS = {"SDPO": 8, "DDPO": 8, "RLR": 2, "DRaFT-K": 2, "Full backprop": 2}
 SADM_INITS = {"fine-tune the model's UNet": "pretrained", "from scratch": "scratch"}
 ZO_MODES = {"likelihood ratio": "lr", "SPSA": "spsa", "off (biased)": "off"}
 ADAPTERS = {"LoRA": "lora", "Full UNet": "full"}
@@ -224,6 +229,11 @@ def make_config(backend: Backend, method, reward, learning_rate, batch, epochs, 
     )  # fmt: skip
     return TrainConfig(method=METHODS[method], algo=algo, reward_weights=(weights or "").strip() or None,
                        device=str(device), eval_every=every, num_eval_prompts=n_eval, rlr=rlr)  # fmt: skip
+
+
+def method_steps(method, current):
+    """The train steps K to show once ``method`` is picked: its ``METHOD_STEPS``, or ``current`` (SADM)."""
+    return METHOD_STEPS.get(method, current)
 
 
 def default_run_name(method: str) -> str:
@@ -471,8 +481,9 @@ def build_finetune_tab(backend: Backend) -> gr.Tab:
                                   info="SDPO: dense stepwise rewards; DDPO: the PPO baseline; RLR: first-, half- and "
                                        "zeroth-order gradient mix; DRaFT-K / full backprop: the reward "
                                        "backpropagated through the last K' / all steps (these three need a "
-                                       "differentiable reward). On the Shapes model, full backprop and RLR lift "
-                                       "1- and 2-step accuracy the most in minutes (docs/BENCHMARKS.md)")  # fmt: skip
+                                       "differentiable reward). Picking one sets train steps K to its own "
+                                       "default. On the Shapes model, full backprop lifts the 1-step reward the "
+                                       "most in minutes (docs/BENCHMARKS.md)")  # fmt: skip
                 choices = reward_choices(backend)
                 reward = gr.Dropdown(choices, value="shapes-probe", label="Reward", elem_id="finetune-reward-name")
                 weights = gr.Textbox(label="Reward weights", placeholder="folder of a downloaded scorer's weights",
@@ -484,7 +495,11 @@ def build_finetune_tab(backend: Backend) -> gr.Tab:
                 with gr.Row():
                     epochs = gr.Number(value=30, precision=0, label="Epochs", elem_id="finetune-epochs")
                     train_steps = gr.Number(
-                        value=8, precision=0, label="Train steps K", info="SDPO: at least 2", elem_id="finetune-k"
+                        value=METHOD_STEPS["SDPO"],
+                        precision=0,
+                        label="Train steps K",
+                        info="picking a method sets it: 8 for SDPO and DDPO (at least 2), 2 for the gradient methods",
+                        elem_id="finetune-k",
                     )
                 eval_steps = gr.CheckboxGroup(list(EVAL_STEP_CHOICES), value=[1, 2, 4, 8],
                                               label="Evaluate at step counts",
@@ -570,6 +585,7 @@ def build_finetune_tab(backend: Backend) -> gr.Tab:
         stop.click(lambda n: on_stop(backend, n), [run], [error], api_name="finetune_stop", **fast)
         resume.click(lambda n: on_resume(backend, n), [run], [error], api_name="finetune_resume", **fast)
         run.change(select_fn, [run], view_outputs, show_progress="hidden", **fast)
+        method.input(method_steps, [method, train_steps], [train_steps], show_progress="hidden", **fast)
         timer = gr.Timer(REFRESH_S)
         timer.tick(refresh_fn, [run, view_key], view_outputs, show_progress="hidden", **fast)
     return tab
