@@ -10,8 +10,10 @@ from finetuners import adadiff as ad
 from finetuners.__main__ import main as cli
 from finetuners.generate import MAX_PROMPT_CHARS
 from ui.adaptive_tab import (
+    MIN_REWARD_SPAN,
     default_policy,
     histogram_figure,
+    history_figure,
     on_model,
     on_prompt,
     on_prompt_set,
@@ -54,6 +56,16 @@ def test_training_from_the_tab_saves_a_policy(backend, trained):
     assert policy_choices(backend) == sorted([trained, *ad.SHIPPED_POLICIES])
     assert default_policy(policy_choices(backend)) == trained  # a page starts on a saved policy over a shipped one
     assert default_policy(["shapes"]) == "shapes" and default_policy([]) is None
+
+
+def test_a_nearly_constant_training_curve_keeps_a_readable_axis():
+    """Plotly zooms into a line that barely moves until its ticks read 0.9999999, 0.99999995, 1; the expected reward
+    axis spans at least MIN_REWARD_SPAN, centred on the line, and is plotly's own once the line spans more."""
+    flat = [dict(epoch=e, expected_reward=r, mean_steps=1.0) for e, r in enumerate([0.9999999, 1.0, 1.0], 1)]
+    lo, hi = history_figure(flat).layout.yaxis.range
+    assert hi - lo == pytest.approx(MIN_REWARD_SPAN) and (lo + hi) / 2 == pytest.approx(0.99999995)
+    moving = [dict(epoch=e, expected_reward=r, mean_steps=2.0) for e, r in enumerate([0.2, 0.5, float("nan")], 1)]
+    assert history_figure(moving).layout.yaxis.range is None
 
 
 def test_a_prompt_shows_probabilities_the_choice_and_every_candidate(backend, trained):

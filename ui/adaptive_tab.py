@@ -16,6 +16,7 @@ indexing the library's results.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -436,6 +437,20 @@ def train_steps(backend: Backend, model, name, n_prompts, seeds, candidates_text
         result.history  # fmt: skip
 
 
+MIN_REWARD_SPAN = 0.05  # the expected-reward axis spans at least this much
+
+
+def axis_range(values, span: float) -> list[float] | None:
+    """A range centred on the finite ``values`` that spans at least ``span``, or None (plotly's own) when they
+    already do: plotly zooms into a nearly constant line until its tick labels are rounding noise
+    (0.9999999, 0.99999995, 1)."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite or max(finite) - min(finite) >= span:
+        return None
+    mid = (max(finite) + min(finite)) / 2
+    return [mid - span / 2, mid + span / 2]
+
+
 def history_figure(history: list[dict]):
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
@@ -449,7 +464,8 @@ def history_figure(history: list[dict]):
     fig.update_layout(title=dict(text="policy training", font=dict(size=14)), template="plotly_white", height=300,
                       margin=dict(l=48, r=48, t=44, b=44), legend=dict(orientation="h", y=-0.25))  # fmt: skip
     fig.update_xaxes(title_text="epoch")
-    fig.update_yaxes(title_text="E_π[R]", secondary_y=False)
+    fig.update_yaxes(title_text="E_π[R]", range=axis_range([r["expected_reward"] for r in history], MIN_REWARD_SPAN),
+                     secondary_y=False)  # fmt: skip
     fig.update_yaxes(title_text="steps", secondary_y=True)
     return fig
 
