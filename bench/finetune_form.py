@@ -3,9 +3,9 @@ live curves move?
 
 Each configuration is the tab's default form (``ui.finetune_tab.make_config``: LoRA r 4, lr 3e-4, batch 4 × 2,
 evaluation of 32 held-out prompts at 1/2/4/8 steps after every epoch) with the method's train steps K
-(``METHOD_STEPS``) and any ``--set`` overrides of the form's fields, trained in this process (one run at a time;
-``--parallel`` runs the methods side by side, one process each). It prints every evaluation and, per method, the
-1-step and 2-step reward and accuracy at the start and at the end.
+(``METHOD_STEPS``) and any ``--set`` overrides of the form's fields, each run in a process of its own
+(``--parallel`` runs that many side by side). It prints every evaluation and, per method, the 1-step and 2-step
+reward and accuracy at the start and at the end. The form's values below are the tab's widget defaults.
 
     OMP_NUM_THREADS=1 python bench/finetune_form.py --methods SDPO "Full backprop" --seconds 180 --parallel 2
 """
