@@ -5,7 +5,7 @@ Each configuration is the tab's default form (``ui.finetune_tab.make_config``: L
 evaluation of 32 held-out prompts at 1/2/4/8 steps after every epoch) with the method's train steps K
 (``METHOD_STEPS``) and any ``--set`` overrides of the form's fields, each run in a process of its own
 (``--parallel`` runs that many side by side). It prints every evaluation and, per method, the 1-step and 2-step
-reward and accuracy at the start and at the end. The form's values below are the tab's widget defaults.
+reward and accuracy at the start and at the end. The form starts from the tab's own ``FORM_DEFAULTS``.
 
     OMP_NUM_THREADS=1 python bench/finetune_form.py --methods SDPO "Full backprop" --seconds 180 --parallel 2
 """
@@ -24,7 +24,7 @@ from tempfile import TemporaryDirectory
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-STEPS = (1, 2, 4, 8)  # the evaluation step counts (the form's default)
+STEPS = (1, 2, 4, 8)  # the evaluation step counts printed (the form's default)
 
 
 def run_one(method: str, seconds: float, folder: Path, overrides: dict) -> dict:
@@ -33,14 +33,12 @@ def run_one(method: str, seconds: float, folder: Path, overrides: dict) -> dict:
 
     from finetuners.trainer import train
     from ui.backend import Backend, Settings
-    from ui.finetune_tab import METHOD_STEPS, default_eval_prompts, make_config
+    from ui.finetune_tab import FORM_DEFAULTS, METHOD_STEPS, default_eval_prompts, make_config
 
     torch.set_num_threads(1)
     backend = Backend(Settings(data_dir=folder / "data"))
-    form = dict(method=method, reward="shapes-probe", learning_rate=3e-4, batch=4, epochs=100_000,
-                train_steps=METHOD_STEPS[method], eval_steps=list(STEPS), adapter="LoRA", lora_rank=4,
-                batches_per_epoch=2, eval_prompts=default_eval_prompts(backend), eval_every=1, seed=42)  # fmt: skip
-    form.update(overrides)
+    form = {**FORM_DEFAULTS, "method": method, "train_steps": METHOD_STEPS[method], "epochs": 100_000,
+            "eval_prompts": default_eval_prompts(backend), **overrides}  # fmt: skip
     config = make_config(backend, **form)
     stop = threading.Event()
     rows, t0 = [], time.monotonic()

@@ -42,6 +42,10 @@ METHODS = {
 # default, and the K of the reward-per-minute figures in docs/BENCHMARKS.md: the gradient reaches the step from
 # t = 999, the 1-step model's only one, with a quarter of K = 8's UNet calls). SADM samples no trajectories.
 METHOD_STEPS = {"SDPO": 8, "DDPO": 8, "RLR": 2, "DRaFT-K": 2, "Full backprop": 2}
+# The form as the tab opens (make_config's arguments; evaluation prompts follow the model: default_eval_prompts)
+FORM_DEFAULTS = dict(method="SDPO", reward="shapes-probe", learning_rate=3e-4, batch=4, epochs=30,
+                     train_steps=METHOD_STEPS["SDPO"], eval_steps=[1, 2, 4, 8], adapter="LoRA", lora_rank=4,
+                     batches_per_epoch=2, eval_every=1, seed=42)  # fmt: skip
 SADM_INITS = {"fine-tune the model's UNet": "pretrained", "from scratch": "scratch"}
 ZO_MODES = {"likelihood ratio": "lr", "SPSA": "spsa", "off (biased)": "off"}
 ADAPTERS = {"LoRA": "lora", "Full UNet": "full"}
@@ -472,12 +476,13 @@ def _curve_plot(key: str, elem_id: str) -> gr.Plot:
 def build_finetune_tab(backend: Backend) -> gr.Tab:
     """Add the Fine-tune tab to the enclosing ``gr.Blocks``."""
     settings = backend.settings
+    form = FORM_DEFAULTS
     with gr.Tab("Fine-tune", id="finetune", elem_id="finetune-tab") as tab:
         view_key = gr.State(None)  # per session: what the live view and the runs list show now
         with gr.Row(equal_height=False):
             with gr.Column(scale=2, min_width=320):
                 gr.Markdown(f"Fine-tunes **{settings.model}**; runs are kept in `{backend.runs_root}`.")
-                method = gr.Radio(list(METHODS), value="SDPO", label="Method", elem_id="finetune-method",
+                method = gr.Radio(list(METHODS), value=form["method"], label="Method", elem_id="finetune-method",
                                   info="SDPO: dense stepwise rewards; DDPO: the PPO baseline; RLR: first-, half- and "
                                        "zeroth-order gradient mix; DRaFT-K / full backprop: the reward "
                                        "backpropagated through the last K' / all steps (these three need a "
@@ -485,39 +490,47 @@ def build_finetune_tab(backend: Backend) -> gr.Tab:
                                        "default. On the Shapes model, full backprop lifts the 1-step reward the "
                                        "most in minutes (docs/BENCHMARKS.md)")  # fmt: skip
                 choices = reward_choices(backend)
-                reward = gr.Dropdown(choices, value="shapes-probe", label="Reward", elem_id="finetune-reward-name")
+                reward = gr.Dropdown(choices, value=form["reward"], label="Reward", elem_id="finetune-reward-name")
                 weights = gr.Textbox(label="Reward weights", placeholder="folder of a downloaded scorer's weights",
                                      elem_id="finetune-weights", visible=settings.custom_models)  # fmt: skip
                 with gr.Row():
-                    lr = gr.Number(value=3e-4, label="Learning rate", elem_id="finetune-lr", minimum=0, maximum=1)
-                    batch = gr.Number(value=4, precision=0, label="Batch (prompts per sampling batch)",
+                    lr = gr.Number(
+                        value=form["learning_rate"],
+                        label="Learning rate",
+                        elem_id="finetune-lr",
+                        minimum=0,
+                        maximum=1,
+                    )
+                    batch = gr.Number(value=form["batch"], precision=0, label="Batch (prompts per sampling batch)",
                                       elem_id="finetune-batch")  # fmt: skip
                 with gr.Row():
-                    epochs = gr.Number(value=30, precision=0, label="Epochs", elem_id="finetune-epochs")
+                    epochs = gr.Number(value=form["epochs"], precision=0, label="Epochs", elem_id="finetune-epochs")
                     train_steps = gr.Number(
-                        value=METHOD_STEPS["SDPO"],
+                        value=form["train_steps"],
                         precision=0,
                         label="Train steps K",
                         info="picking a method sets it: 8 for SDPO and DDPO (at least 2), 2 for the gradient methods",
                         elem_id="finetune-k",
                     )
-                eval_steps = gr.CheckboxGroup(list(EVAL_STEP_CHOICES), value=[1, 2, 4, 8],
+                eval_steps = gr.CheckboxGroup(list(EVAL_STEP_CHOICES), value=form["eval_steps"],
                                               label="Evaluate at step counts",
                                               elem_id="finetune-eval-steps")  # fmt: skip
                 with gr.Row():
-                    adapter = gr.Radio(list(ADAPTERS), value="LoRA", label="Adapter", elem_id="finetune-adapter")
-                    rank = gr.Number(value=4, precision=0, label="LoRA rank", elem_id="finetune-rank")
+                    adapter = gr.Radio(
+                        list(ADAPTERS), value=form["adapter"], label="Adapter", elem_id="finetune-adapter"
+                    )
+                    rank = gr.Number(value=form["lora_rank"], precision=0, label="LoRA rank", elem_id="finetune-rank")
                 with gr.Accordion("More settings", open=False):
                     with gr.Row():
-                        batches = gr.Number(value=2, precision=0, label="Sampling batches per epoch",
-                                            elem_id="finetune-batches")  # fmt: skip
+                        batches = gr.Number(value=form["batches_per_epoch"], precision=0,
+                                            label="Sampling batches per epoch", elem_id="finetune-batches")  # fmt: skip
                         eval_prompts = gr.Number(value=default_eval_prompts(backend), precision=0,
                                                  label="Evaluation prompts",
                                                  elem_id="finetune-eval-prompts")  # fmt: skip
                     with gr.Row():
-                        eval_every = gr.Number(value=1, precision=0, label="Evaluate every (epochs)",
+                        eval_every = gr.Number(value=form["eval_every"], precision=0, label="Evaluate every (epochs)",
                                                elem_id="finetune-eval-every")  # fmt: skip
-                        seed = gr.Number(value=42, precision=0, label="Seed", elem_id="finetune-seed")
+                        seed = gr.Number(value=form["seed"], precision=0, label="Seed", elem_id="finetune-seed")
                 with gr.Accordion("SADM-style settings (denoising training on Shapes images)", open=False):
                     from finetuners.shapes.world import DOMAINS
 
