@@ -4,7 +4,7 @@ r"""SuperDiff on the Shapes world (ALGORITHMS.md §4): does AND compose, does OR
         [--objects "a red circle" "a blue square"]
 
 Every sampler draws image i from seed i (i = 0 … n−1), so the rows of a table differ only in the sampler. The
-Shapes probe (``read_scene``) reads each image; an image "contains" an object when the probe sees that
+Shapes probe (``read_images``) reads each image; an image "contains" an object when the probe sees that
 (shape, colour) in any cell.
 
 1. Two objects, A = "a red circle", B = "a blue square" (or ``--objects A B``, one object each, a position phrase
@@ -47,8 +47,8 @@ import torch  # noqa: E402
 from finetuners import superdiff  # noqa: E402
 from finetuners.generate import LIMITS, SampleRequest, generate  # noqa: E402
 from finetuners.models import PROBE_PATH, load_model  # noqa: E402
-from finetuners.shapes.probe import ShapesProbe, read_scene  # noqa: E402
-from finetuners.shapes.world import RELATIONS, parse_prompt  # noqa: E402
+from finetuners.shapes.probe import ShapesProbe, read_images  # noqa: E402
+from finetuners.shapes.world import RELATIONS, describe_scene, parse_prompt  # noqa: E402
 from finetuners.superdiff import (  # noqa: E402
     SuperDiffConfig,
     default_guidance,
@@ -132,10 +132,6 @@ def paired_line(what: str, runs_both: dict) -> tuple[str, dict]:
             {"and_minus_avg": diff, "se": se})  # fmt: skip
 
 
-def describe_scene(scene) -> str:
-    return " + ".join(f"{o.color} {o.shape}" for o in sorted(scene, key=lambda o: o.cell)) or "(empty)"
-
-
 class Bench:
     def __init__(self, pipe, probe, n: int, steps: int, guidance: float):
         self.pipe, self.probe, self.n, self.steps, self.guidance = pipe, probe, n, steps, guidance
@@ -175,9 +171,8 @@ class Bench:
         self._record(name, seconds, 2 if self.guidance > 1 else 1)
         return self.read(torch.cat(images))
 
-    @torch.no_grad()
     def read(self, images: torch.Tensor):
-        return read_scene(*self.probe(images))
+        return read_images(self.probe, images)
 
 
 def object_phrase(obj: tuple[str, str]) -> str:

@@ -167,6 +167,8 @@ def cmd_superpose(args: argparse.Namespace) -> int:
 
     from .imageio import atomic_write_bytes, save_png
     from .runs import load_pipeline
+    from .shapes.probe import ONE_PROMPT_OUTCOMES, TWO_PROMPT_OUTCOMES, outcome, read_prompts
+    from .shapes.world import describe_scene
     from .superdiff import SuperDiffConfig, default_guidance, superpose_models, superpose_prompts
 
     out = typed_path(args.out, "--out folder")
@@ -209,12 +211,20 @@ def cmd_superpose(args: argparse.Namespace) -> int:
         "kappa": result.kappa.tolist(),  # [N][B][M]: the weights of each step
         "log_q": result.log_q.tolist(),  # [N+1][B][M]: ℓ_i at σ̃_0 … σ̃_N, nats (0 at the start)
     }  # fmt: skip
+    if reading := read_prompts(result.images, prompts if prompts[0] != prompts[1] else prompts[:1]):
+        specs, scenes = reading
+        traces["probe"] = {"scenes": [describe_scene(s) for s in scenes],
+                           "outcomes": [outcome(s, specs) for s in scenes]}  # fmt: skip
     path = out / f"{args.mode}_seed{args.seed}_traces.json"
     atomic_write_bytes(path, json.dumps(traces, indent=1).encode())
     print(path)
     gap = (result.log_q[-1, :, 0] - result.log_q[-1, :, 1]).mean().item()
     print(f"{result.seconds:.3f} s, {result.info['unet_rows'] // (config.steps * args.batch)} UNet rows per step per "
           f"image, final ℓ_A − ℓ_B {gap:+.3g} nats (batch mean)", file=sys.stderr)  # fmt: skip
+    if reading:
+        kinds = ONE_PROMPT_OUTCOMES if len(specs) == 1 else TWO_PROMPT_OUTCOMES
+        counts = ", ".join(f"{k} {traces['probe']['outcomes'].count(k)}" for k in kinds)
+        print(f"Shapes probe, of {args.batch} image{'s' * (args.batch > 1)}: {counts}", file=sys.stderr)
     return 0
 
 

@@ -99,6 +99,13 @@ def test_superpose_and_shows_images_and_the_kappa_plot(page):
     assert n_points == 20  # κ_A at every step
     info = page.locator("#superpose-info").inner_text()
     assert "AND" in info and "3 UNet rows per step" in info
+    # the Shapes probe's reading: a table row per sampler, and what it sees under each image
+    table = page.locator("#superpose-info table")
+    assert table.locator("th").all_inner_texts()[:2] == ["Shapes probe, of 1 image", "both"]
+    assert [r.split("\t")[0] for r in table.locator("tbody tr").all_inner_texts()] == ["AND", "averaged (κ = ½)",
+                                                                                       "joint prompt"]  # fmt: skip
+    caption = page.locator("#superpose-gallery .caption-label").first.inner_text()
+    assert caption.startswith("seed 0 · ") and len(caption) > len("seed 0 · ")
     assert page.locator("#superpose-error").inner_text().strip() == ""
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "superpose-tab.png"), full_page=True)

@@ -8,7 +8,7 @@ import torch
 
 from finetuners.metrics import frechet_distance
 from finetuners.shapes import architecture as arch
-from finetuners.shapes.probe import N_SHAPE_CLASSES, prompt_log_prob, read_scene
+from finetuners.shapes.probe import N_SHAPE_CLASSES, outcome, prompt_log_prob, read_prompts, read_scene
 from finetuners.shapes.world import (
     COLOR_NAMES,
     N_CELLS,
@@ -19,10 +19,12 @@ from finetuners.shapes.world import (
     PromptSpec,
     caption,
     cell_targets,
+    describe_scene,
     eval_prompts,
     make_dataset,
     parse_prompt,
     partial_captions,
+    render,
     valid_placements,
 )
 
@@ -58,6 +60,42 @@ def test_prompts_are_compositional():
     assert parse_prompt("a zebra") is None and parse_prompt("a red circle near a cat") is None
     assert valid_placements(parse_prompt("a red circle in the center")) == [(4,)]
     assert len(valid_placements(parse_prompt("a red circle above a blue square"))) == 3 * 3 * 3  # rows 0<1<2 pairs
+
+
+def test_a_prompt_is_shown_in_a_scene_that_holds_other_objects_too():
+    """``shown_in``: the prompted objects, placed as the prompt says, among any others (what a superposition of two
+    one-object prompts is asked for); ``satisfied_by`` stays exact."""
+    left = parse_prompt("a red circle on the left")
+    red_left, red_right, blue_bottom = Obj("circle", "red", 3), Obj("circle", "red", 5), Obj("square", "blue", 7)
+    assert left.shown_in([blue_bottom, red_left]) and not left.satisfied_by([blue_bottom, red_left])
+    assert not left.shown_in([red_right, blue_bottom])  # the circle is there, in the wrong place
+    above = parse_prompt("a red circle above a blue square")
+    assert above.shown_in([Obj("triangle", "green", 0), red_left, blue_bottom])
+    assert not above.shown_in([Obj("circle", "red", 7), Obj("square", "blue", 1)])  # the relation is violated
+    three = parse_prompt("a red circle, a blue square and a green triangle")
+    assert not three.shown_in([red_left, blue_bottom, Obj("circle", "red", 0)])  # one object cannot stand for two
+    assert three.shown_in([red_left, blue_bottom, Obj("triangle", "green", 0), Obj("circle", "white", 8)])
+    assert describe_scene([blue_bottom, red_left]) == "red circle + blue square" and describe_scene([]) == "(empty)"
+
+
+def test_outcome_says_what_a_scene_shows_of_one_prompt_or_two():
+    a, b = parse_prompt("a red circle"), parse_prompt("a blue square")
+    red, blue, green = Obj("circle", "red", 0), Obj("square", "blue", 4), Obj("triangle", "green", 8)
+    scenes = ([red, blue], [red, green], [green, blue], [green], [])
+    assert [outcome(s, [a, b]) for s in scenes] == ["both", "A only", "B only", "neither", "neither"]
+    assert [outcome(s, [a]) for s in ([red], [red, blue], [blue])] == ["as the prompt says", "with other objects",
+                                                                         "not shown"]  # fmt: skip
+
+
+def test_read_prompts_reads_rendered_scenes_and_refuses_what_the_probe_cannot_read():
+    rng = np.random.default_rng(0)
+    scenes = [[Obj("circle", "red", 0), Obj("square", "blue", 8)], [Obj("square", "blue", 4)]]
+    images = torch.from_numpy(np.stack([render(s, rng) for s in scenes])).permute(0, 3, 1, 2) / 255
+    specs, found = read_prompts(images, ["a red circle", "a blue square"])
+    assert [describe_scene(f) for f in found] == ["red circle + blue square", "blue square"]
+    assert [outcome(f, specs) for f in found] == ["both", "B only"]
+    assert read_prompts(images, ["a red circle", "a photo of a cat"]) is None  # not a Shapes caption
+    assert read_prompts(torch.zeros(1, 3, 64, 64), ["a red circle"]) is None  # not a 32×32 Shapes image
 
 
 def test_three_object_captions_parse_check_and_stay_out_of_the_default_mix():

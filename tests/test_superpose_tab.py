@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 
 from finetuners.errors import UserError
+from finetuners.shapes.world import parse_prompt
 from ui.backend import Backend, Settings
 from ui.superpose_tab import (
+    batch0,
     guidance_for,
     kappa_figure,
     log_q_figure,
@@ -20,6 +22,7 @@ from ui.superpose_tab import (
     on_model_a_change,
     on_source_change,
     on_superpose,
+    reading_table,
     run_superpose,
 )
 
@@ -120,9 +123,22 @@ def test_and_on_two_prompts_end_to_end(app_backend):
     view = run_superpose(app_backend, **{**GOOD, "model_a": app_backend.settings.model, "batch": batch},
                          progress=progress)  # fmt: skip
     for items in (view.images, view.averaged, view.baseline):
-        assert [caption for _, caption in items] == ["seed 0", "seed 1"]
+        # each caption: the seed, then what the Shapes probe sees (Shapes captions on 32×32 images)
+        assert [caption.split(" · ")[0] for _, caption in items] == ["seed 0", "seed 1"]
+        assert all(len(caption.split(" · ")) == 2 for _, caption in items)
         assert items[0][0].size[0] >= 128  # 32 px upscaled for display
     assert (view.images_label, view.baseline_label) == ("AND", "Joint prompt")
+    # the table under it counts, per sampler, the images that show both prompts, one or neither, as the captions say
+    table = view.info.split("\n\n")[1].splitlines()
+    assert table[0] == "| Shapes probe, of 2 images | both | A only | B only | neither |"
+    a, b = parse_prompt("a red circle"), parse_prompt("a blue square")
+    rows = [row.strip("| ").split(" | ") for row in table[2:]]
+    assert [r[0] for r in rows] == ["AND", "averaged (κ = ½)", "joint prompt"]
+    for row, items in zip(rows, (view.images, view.averaged, view.baseline), strict=True):
+        found = [_scene(caption.split(" · ")[1]) for _, caption in items]
+        counts = [sum((a.shown_in(f), b.shown_in(f)) == want for f in found)
+                  for want in ((True, True), (True, False), (False, True), (False, False))]  # fmt: skip
+        assert list(map(int, row[1:])) == counts
     assert "**AND** “a red circle” ∧ “a blue square” over 20 Euler–Maruyama steps" in view.info
     assert "3 UNet rows per step per image" in view.info and "times: AND" in view.info
     assert "joint prompt “a red circle and a blue square”" in view.info  # "A and B" when none is given
@@ -150,6 +166,28 @@ def test_and_on_two_prompts_end_to_end(app_backend):
         assert np.abs(np.asarray(got, dtype=int) - np.asarray(want, dtype=int)).max() <= 1
 
 
+def _scene(words: str) -> list:
+    """A caption's scene back as objects (cells made up: only shapes and colours are checked here)."""
+    from finetuners.shapes.world import Obj
+
+    return [] if words == "(empty)" else [Obj(*reversed(o.split()), cell=i) for i, o in enumerate(words.split(" + "))]
+
+
+def test_the_reading_table_counts_outcomes_per_sampler():
+    from finetuners.shapes.world import Obj
+
+    red, blue, green = Obj("circle", "red", 0), Obj("square", "blue", 4), Obj("triangle", "green", 8)
+    request = SimpleNamespace(batch=3)
+    two = [parse_prompt("a red circle"), parse_prompt("a blue square")]
+    table = reading_table(request, two, {"AND": [[red, blue], [blue], []], "joint prompt": [[red], [red], [red]]})
+    assert table.splitlines() == ["| Shapes probe, of 3 images | both | A only | B only | neither |",
+                                  "|---|---|---|---|---|",
+                                  "| AND | 1 | 0 | 1 | 1 |",
+                                  "| joint prompt | 0 | 3 | 0 | 0 |"]  # fmt: skip
+    one = reading_table(request, two[:1], {"model B alone": [[red], [red, green], [green]]})
+    assert one.splitlines()[2] == "| model B alone | 1 | 1 | 1 |" and "as the prompt says" in one.splitlines()[0]
+
+
 def test_or_joint_and_averaged_modes(app_backend):
     model = app_backend.settings.model
     joint = run_superpose(app_backend, **{**GOOD, "model_a": model, "mode": "joint",
@@ -173,10 +211,17 @@ def test_two_models_on_one_prompt(tiny_pipeline_dir):
     pipes = {name: load_model(str(tiny_pipeline_dir), "cpu") for name in ("base", "tuned")}
     backend = _backend_over(pipes)
     view = run_superpose(backend, **{**GOOD, **TWO_MODELS, "prompt_b": "ignored", "batch": 2})
-    assert [c for _, c in view.baseline] == ["A · seed 0", "A · seed 1", "B · seed 0", "B · seed 1"]
+    captions = [" · ".join(c.split(" · ")[:2]) for _, c in view.baseline]  # then what the probe sees
+    assert captions == ["A · seed 0", "A · seed 1", "B · seed 0", "B · seed 1"]
     assert view.baseline_label == "Each model alone" and "**AND** “base” ∧ “tuned”" in view.info
     assert "4 UNet rows per step per image" in view.info  # each model makes 2 rows (CFG)
     assert view.traces.names == ["A: base", "B: tuned"]
+    # one prompt, read as one: exactly as it says, among other objects, or not shown; a row per sampler
+    table = view.info.split("\n\n")[1].splitlines()
+    assert table[0] == "| Shapes probe, of 2 images | as the prompt says | with other objects | not shown |"
+    rows = [r.split(" | ")[0][2:] for r in table[2:]]
+    assert rows == ["AND", "averaged (κ = ½)", "model A alone", "model B alone"]
+    assert all(sum(map(int, r.strip("| ").split(" | ")[1:])) == 2 for r in table[2:])
     # equal weights twice are one model: AND keeps κ = ½ (the library's degenerate case)
     assert {k for per in view.traces.kappa for k in per} == {0.5}
 
@@ -211,11 +256,14 @@ def test_beside_the_shapes_model_the_tab_starts_on_shapes_partial_without_guidan
     assert guidance == {"__type__": "update"} and "model path 'nowhere' does not exist" in error
     other = Backend(Settings(model="shapes-partial", device="cpu"))
     assert other.model_choices()[:2] == ["shapes-partial", "shapes"] and model0(other) == "shapes-partial"
+    # a first click on a Shapes model samples 8 seeds, within the app's batch limit
+    assert (batch0(other), batch0(backend)) == (8, 4)
 
 
 def test_a_model_folder_is_offered_alone(app_backend):
     assert app_backend.embedded_choices() == [] and model0(app_backend) == app_backend.settings.model
     assert guidance_for(app_backend, app_backend.settings.model) == 3.0  # its sampling guidance: none recorded
+    assert batch0(app_backend) == 1  # a model folder may be a real model: one image a click
 
 
 # -- the command line ------------------------------------------------------------------------------------------
@@ -239,7 +287,7 @@ def test_cli_superpose_writes_images_and_traces(tiny_pipeline_dir, tmp_path, cap
     assert "UNet rows per step" in capsys.readouterr().err
 
 
-def test_cli_superpose_defaults_to_shapes_partial_without_guidance(tmp_path):
+def test_cli_superpose_defaults_to_shapes_partial_without_guidance(tmp_path, capsys):
     from finetuners.__main__ import main
 
     out = tmp_path / "out"
@@ -249,6 +297,15 @@ def test_cli_superpose_defaults_to_shapes_partial_without_guidance(tmp_path):
     traces = json.loads((out / "and_seed0_traces.json").read_text())
     assert traces["models"] == ["shapes-partial"] and traces["config"]["guidance"] == 1.0
     assert traces["unet_rows"] == 2 * 20  # no guidance: rows [A, B]
+    # what the Shapes probe sees in the image, and which of the two prompts it shows, in the JSON and on stderr
+    [scene], [found] = traces["probe"]["scenes"], traces["probe"]["outcomes"]
+    a, b = parse_prompt("a red circle"), parse_prompt("a blue square")
+    objects = [] if scene == "(empty)" else [o.split() for o in scene.split(" + ")]
+    has = lambda spec: [spec.objects[0][1], spec.objects[0][0]] in objects
+    assert found == {(True, True): "both", (True, False): "A only", (False, True): "B only"}.get((has(a), has(b)),
+                                                                                                "neither")  # fmt: skip
+    counts = ", ".join(f"{k} {int(k == found)}" for k in ("both", "A only", "B only", "neither"))
+    assert f"Shapes probe, of 1 image: {counts}" in capsys.readouterr().err
     assert main([*argv, "--model", "shapes", "--out", str(tmp_path / "shapes")]) == 0
     traces = json.loads((tmp_path / "shapes" / "and_seed0_traces.json").read_text())
     assert traces["models"] == ["shapes"] and traces["config"]["guidance"] == 3.0 and traces["unet_rows"] == 3 * 20

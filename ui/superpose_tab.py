@@ -5,7 +5,8 @@ Gradio: a bad input becomes a message in the tab and a warning toast, and the ou
 Every click samples the chosen mode and, with the same seeds, the baselines beside it: averaged predictions
 (κ = ½) and the joint prompt through the ordinary sampler (two prompts) or each model alone (two models).
 The chosen run's κ(t) and ℓ_i(t) are plotted; they stay in the session (``gr.State``), so the x axis can
-switch between step and σ̃ without sampling again.
+switch between step and σ̃ without sampling again. Where the Shapes probe can read the prompts and images, each
+image's caption says what it sees and a table counts, per sampler, which of the prompts the images show.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import gradio as gr
 
 from finetuners.errors import UserError
 from finetuners.generate import LIMITS, MAX_PROMPT_CHARS, SampleRequest, generate
+from finetuners.shapes.world import describe_scene
 from finetuners.superdiff import MIN_SD_STEPS, SuperDiffConfig, default_guidance, superpose_models, superpose_prompts
 
 from .backend import Backend
@@ -37,6 +39,7 @@ AXES = [("step", "step"), ("σ̃ (noise level)", "sigma")]
 # mode and both baselines) at a few seconds on a CPU. Fewer than MIN_SD_STEPS are refused: the estimator's error
 # grows with the step size. 1000 is the paper's setting.
 DEFAULT_STEPS = 100
+SHAPES_BATCH = 8  # a first click on a Shapes model: seeds 0–7, about 25 s in the app on a 2-core CPU (one seed: 14 s)
 COMPOSE_NOTE = "shapes-partial: captions that leave objects out, so AND can find both objects"
 STEP_LIMITS = (MIN_SD_STEPS, 1000)
 TEMPERATURE_LIMITS = (0.0, 1e6)  # OR: T > 0; 1e6 is the reference's hard-coded argmax
@@ -293,16 +296,21 @@ class _Runs:
 
 def build_view(request: SuperposeRequest, results: dict, display_px: int) -> SuperposeView:
     seeds = [request.seed + i for i in range(request.batch)]
-    show = lambda images, prefix="": [
-        (to_display(img, display_px), f"{prefix}seed {s}") for img, s in zip(images, seeds)
-    ]
-    averaged = show(results["avg"].images)
+    columns = result_columns(request, results)
+    reading = read_columns(request, columns)
+    scenes = {name: [describe_scene(s) for s in found] for name, found in (reading or (None, {}))[1].items()}
+
+    def show(name: str, prefix: str = "") -> list[GalleryItem]:
+        words = scenes.get(name, [None] * len(seeds))
+        return [(to_display(img, display_px), f"{prefix}seed {s}" + (f" · {w}" if w else ""))
+                for img, s, w in zip(columns[name], seeds, words)]  # fmt: skip
+
+    averaged = show(MODE_NAMES["avg"])
     if request.source == "prompts":
-        joint = results["baseline"][0]
-        baseline = show(joint.images)
+        baseline = show(BASELINE_NAMES[0])
         baseline_label = "Joint prompt"
     else:
-        baseline = [item for res, ab in zip(results["baseline"], "AB") for item in show(res.images, f"{ab} · ")]
+        baseline = [item for name, ab in zip(BASELINE_NAMES[1:], "AB") for item in show(name, f"{ab} · ")]
         baseline_label = "Each model alone"
     if request.mode == "joint":
         images, traced = baseline, results["avg"]
@@ -310,8 +318,11 @@ def build_view(request: SuperposeRequest, results: dict, display_px: int) -> Sup
     elif request.mode == "avg":
         images, traced, title = averaged, results["avg"], MODE_NAMES["avg"]
     else:
-        images, traced, title = show(results["chosen"].images), results["chosen"], MODE_NAMES[request.mode]
+        images, traced, title = show(MODE_NAMES[request.mode]), results["chosen"], MODE_NAMES[request.mode]
     images_label = GALLERY_LABELS[request.mode]  # short: the label sits over the images; the info line says more
+    info = describe(request, results, traced)
+    if reading is not None:
+        info += "\n\n" + reading_table(request, *reading)
     return SuperposeView(
         images,
         averaged,
@@ -319,8 +330,52 @@ def build_view(request: SuperposeRequest, results: dict, display_px: int) -> Sup
         baseline_label,
         images_label,
         traces(request, traced, title),
-        describe(request, results, traced),
+        info,
     )
+
+
+BASELINE_NAMES = ("joint prompt", "model A alone", "model B alone")
+
+
+def result_columns(request: SuperposeRequest, results: dict) -> dict[str, object]:
+    """Each sampler's images [B, 3, H, W] by the name the table gives it: the chosen mode, averaged, the baselines."""
+    columns = {MODE_NAMES[request.mode]: results["chosen"].images} if "chosen" in results else {}
+    columns[MODE_NAMES["avg"]] = results["avg"].images
+    names = BASELINE_NAMES[:1] if request.source == "prompts" else BASELINE_NAMES[1:]
+    columns.update({name: res.images for name, res in zip(names, results["baseline"])})
+    return columns
+
+
+def read_columns(request: SuperposeRequest, columns: dict) -> tuple[list, dict[str, list]] | None:
+    """The Shapes probe's reading of every column's images, where it can read them (Shapes captions, 32×32 images):
+    (the prompts' specs, scenes by column); else None. Two prompts are read as two, one prompt (two models) as one."""
+    import torch
+
+    from finetuners.shapes.probe import read_prompts
+
+    prompts = list(request.prompts) if request.prompts[0] != request.prompts[1] else [request.prompts[0]]
+    names = list(columns)
+    found = read_prompts(torch.cat([columns[n] for n in names]), prompts)
+    if found is None:
+        return None
+    specs, scenes = found
+    b = request.batch
+    return specs, {name: scenes[i * b : (i + 1) * b] for i, name in enumerate(names)}
+
+
+def reading_table(request: SuperposeRequest, specs: list, scenes: dict[str, list]) -> str:
+    """Markdown: how many of each column's images show both prompts, one or neither (two prompts), or the prompt
+    exactly, among other objects or not at all (one prompt), as the Shapes probe reads them."""
+    from finetuners.shapes.probe import ONE_PROMPT_OUTCOMES, TWO_PROMPT_OUTCOMES, outcome
+
+    kinds = ONE_PROMPT_OUTCOMES if len(specs) == 1 else TWO_PROMPT_OUTCOMES
+    n = request.batch
+    head = f"Shapes probe, of {n} image{'s' * (n > 1)}"
+    lines = [f"| {head} | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
+    for name, found in scenes.items():
+        got = [outcome(s, specs) for s in found]
+        lines.append(f"| {name} | " + " | ".join(str(got.count(k)) for k in kinds) + " |")
+    return "\n".join(lines)
 
 
 def traces(request: SuperposeRequest, result, title: str) -> Traces:
@@ -521,6 +576,14 @@ def model0(backend: Backend) -> str:
     return COMPOSE_MODEL if COMPOSE_MODEL in backend.embedded_choices() else backend.settings.model
 
 
+def batch0(backend: Backend) -> int:
+    """The batch at start: beside an embedded Shapes model ``SHAPES_BATCH`` images, so that a first click shows how
+    often each sampler composes (one seed is an anecdote); one image of a real model, whose click takes longer."""
+    from finetuners.models import ALIASES
+
+    return min(SHAPES_BATCH, backend.settings.max_batch) if model0(backend) in ALIASES else 1
+
+
 def guidance_for(backend: Backend, model) -> float:
     """SuperDiff's guidance for a model (``superdiff.default_guidance``), within the slider's range."""
     g = default_guidance(backend.pipeline(model))
@@ -655,7 +718,7 @@ def build_superpose_tab(backend: Backend) -> gr.Tab:
                     batch = gr.Slider(
                         1,
                         settings.max_batch,
-                        value=1,
+                        value=batch0(backend),
                         step=1,
                         precision=0,
                         label="Batch",

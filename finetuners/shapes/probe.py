@@ -6,11 +6,14 @@ It gives the Shapes world its metrics and rewards:
   placed as the prompt says);
 - ``prompt_log_prob``: the differentiable log-probability, under the probe's factorised per-cell
   distribution, that the image satisfies the prompt (a sum over every valid placement; see below);
-- ``features``: the penultimate layer (``FEATURE_DIM``), the space of the Fréchet distance.
+- ``features``: the penultimate layer (``FEATURE_DIM``), the space of the Fréchet distance;
+- ``read_prompts`` and ``outcome``: what the shipped probe sees in a batch of images and which of one or two
+  prompts each image shows (the Superpose tab's and the ``superpose`` command's reading of a superposition).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,7 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .world import COLOR_NAMES, GRID, N_CELLS, SHAPES, Obj, PromptSpec, parse_prompt, valid_placements
+from .world import COLOR_NAMES, GRID, IMAGE_SIZE, N_CELLS, SHAPES, Obj, PromptSpec, parse_prompt, valid_placements
 
 N_SHAPE_CLASSES = 1 + len(SHAPES)  # 0 = empty cell
 N_COLORS = len(COLOR_NAMES)
@@ -89,6 +92,43 @@ def read_scene(shape_logits: torch.Tensor, color_logits: torch.Tensor) -> list[l
         [Obj(SHAPES[s - 1], COLOR_NAMES[c], cell) for cell, (s, c) in enumerate(zip(ss, cc)) if s > 0]
         for ss, cc in zip(shapes, colors)
     ]
+
+
+@torch.no_grad()
+def read_images(probe: ShapesProbe, images: torch.Tensor) -> list[list[Obj]]:
+    """Per image [B, 3, 32, 32] in [0, 1], the objects the probe sees."""
+    return read_scene(*probe(images.to(next(probe.parameters()).device)))
+
+
+@functools.cache
+def shipped_probe() -> ShapesProbe | None:
+    """The probe in ``assets/shapes-probe`` on the CPU, loaded once; None when its weights are not there."""
+    from ..models import PROBE_PATH
+
+    return ShapesProbe.load(PROBE_PATH) if (PROBE_PATH / "model.safetensors").is_file() else None
+
+
+def read_prompts(images: torch.Tensor, prompts: list[str]) -> tuple[list[PromptSpec], list[list[Obj]]] | None:
+    """The prompts as specs and the shipped probe's reading of each image, where the probe can read them: every
+    prompt a Shapes caption and the images 32×32; else None."""
+    specs = [parse_prompt(p) for p in prompts]
+    if None in specs or tuple(images.shape[-2:]) != (IMAGE_SIZE, IMAGE_SIZE) or (probe := shipped_probe()) is None:
+        return None
+    return specs, read_images(probe, images.float())
+
+
+ONE_PROMPT_OUTCOMES = ("as the prompt says", "with other objects", "not shown")
+TWO_PROMPT_OUTCOMES = ("both", "A only", "B only", "neither")
+
+
+def outcome(scene: list[Obj], specs: list[PromptSpec]) -> str:
+    """What a scene shows of one prompt (``ONE_PROMPT_OUTCOMES``: exactly, among other objects, or not at all) or of
+    two (``TWO_PROMPT_OUTCOMES``). A prompt is shown when its objects are there, placed as it says."""
+    if len(specs) == 1:
+        spec = specs[0]
+        return ONE_PROMPT_OUTCOMES[0 if spec.satisfied_by(scene) else 1 if spec.shown_in(scene) else 2]
+    a, b = (spec.shown_in(scene) for spec in specs)
+    return TWO_PROMPT_OUTCOMES[0 if a and b else 1 if a else 2 if b else 3]
 
 
 def _spec(prompt: str | PromptSpec) -> PromptSpec:

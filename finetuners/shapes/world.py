@@ -116,14 +116,22 @@ class PromptSpec:
 
     def satisfied_by(self, objects: list[Obj]) -> bool:
         """True when the scene holds exactly the prompted objects, placed as the prompt says."""
-        if len(objects) != len(self.objects):
-            return False
-        for perm in itertools.permutations(objects):
-            if all((o.shape, o.color) == want for o, want in zip(perm, self.objects)) and self.cells_ok(
-                tuple(o.cell for o in perm)
+        return len(objects) == len(self.objects) and self.shown_in(objects)
+
+    def shown_in(self, objects: list[Obj]) -> bool:
+        """True when the scene holds the prompted objects, placed as the prompt says; other objects may be there too
+        (what a superposition of two one-object prompts is asked to show)."""
+        for chosen in itertools.permutations(objects, len(self.objects)):
+            if all((o.shape, o.color) == want for o, want in zip(chosen, self.objects)) and self.cells_ok(
+                tuple(o.cell for o in chosen)
             ):
                 return True
         return False
+
+
+def describe_scene(objects: list[Obj]) -> str:
+    """A scene in words, objects in reading order: "red circle + blue square", or "(empty)"."""
+    return " + ".join(f"{o.color} {o.shape}" for o in sorted(objects, key=lambda o: o.cell)) or "(empty)"
 
 
 def caption(spec: PromptSpec) -> str:
