@@ -297,11 +297,11 @@ class _Runs:
 def build_view(request: SuperposeRequest, results: dict, display_px: int) -> SuperposeView:
     seeds = [request.seed + i for i in range(request.batch)]
     columns = result_columns(request, results)
-    reading = read_columns(request, columns)
-    scenes = {name: [describe_scene(s) for s in found] for name, found in (reading or (None, {}))[1].items()}
+    specs, scenes = read_columns(request, columns) or (None, {})
+    described = {name: [describe_scene(s) for s in found] for name, found in scenes.items()}
 
     def show(name: str, prefix: str = "") -> list[GalleryItem]:
-        words = scenes.get(name, [None] * len(seeds))
+        words = described.get(name, [None] * len(seeds))
         return [(to_display(img, display_px), f"{prefix}seed {s}" + (f" · {w}" if w else ""))
                 for img, s, w in zip(columns[name], seeds, words)]  # fmt: skip
 
@@ -321,8 +321,8 @@ def build_view(request: SuperposeRequest, results: dict, display_px: int) -> Sup
         images, traced, title = show(MODE_NAMES[request.mode]), results["chosen"], MODE_NAMES[request.mode]
     images_label = GALLERY_LABELS[request.mode]  # short: the label sits over the images; the info line says more
     info = describe(request, results, traced)
-    if reading is not None:
-        info += "\n\n" + reading_table(request, *reading)
+    if specs is not None:
+        info += "\n\n" + reading_table(request, specs, scenes)
     return SuperposeView(
         images,
         averaged,
@@ -355,7 +355,7 @@ def read_columns(request: SuperposeRequest, columns: dict) -> tuple[list, dict[s
 
     prompts = list(request.prompts) if request.prompts[0] != request.prompts[1] else [request.prompts[0]]
     names = list(columns)
-    found = read_prompts(torch.cat([columns[n] for n in names]), prompts)
+    found = read_prompts(torch.cat([columns[n].float().cpu() for n in names]), prompts)
     if found is None:
         return None
     specs, scenes = found
