@@ -42,7 +42,9 @@ METHODS = {
 # default, and the K of the reward-per-minute figures in docs/BENCHMARKS.md: the gradient reaches the step from
 # t = 999, the 1-step model's only one, with a quarter of K = 8's UNet calls). SADM samples no trajectories.
 METHOD_STEPS = {"SDPO": 8, "DDPO": 8, "RLR": 2, "DRaFT-K": 2, "Full backprop": 2}
-# The form as the tab opens (make_config's arguments; evaluation prompts follow the model: default_eval_prompts)
+# The form as the tab opens (make_config's arguments; evaluation prompts follow the model: default_eval_prompts).
+# lr 3e-4 for every method: at 1e-3 the backprop methods' curves swing and SDPO can lose 2-step accuracy, at 3e-3
+# every method degrades within three minutes (docs/BENCHMARKS.md, "The form's learning rate").
 FORM_DEFAULTS = dict(method="SDPO", reward="shapes-probe", learning_rate=3e-4, batch=4, epochs=30,
                      train_steps=METHOD_STEPS["SDPO"], eval_steps=[1, 2, 4, 8], adapter="LoRA", lora_rank=4,
                      batches_per_epoch=2, eval_every=1, seed=42)  # fmt: skip
