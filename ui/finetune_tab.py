@@ -47,7 +47,9 @@ METHOD_STEPS = {"SDPO": 8, "DDPO": 8, "RLR": 2, "DRaFT-K": 2, "Full backprop": 2
 # every method degrades within three minutes (docs/BENCHMARKS.md, "The form's learning rate").
 FORM_DEFAULTS = dict(method="SDPO", reward="shapes-probe", learning_rate=3e-4, batch=4, epochs=30,
                      train_steps=METHOD_STEPS["SDPO"], eval_steps=[1, 2, 4, 8], adapter="LoRA", lora_rank=4,
-                     batches_per_epoch=2, eval_every=1, seed=42)  # fmt: skip
+                     batches_per_epoch=2, eval_every=1, seed=42, rlr_h=2, zo_mode="likelihood ratio", s_nu=1e-3,
+                     truncation=1, structure_weight=0.1, domain="shapes",
+                     init="fine-tune the model's UNet")  # fmt: skip
 SADM_INITS = {"fine-tune the model's UNet": "pretrained", "from scratch": "scratch"}
 ZO_MODES = {"likelihood ratio": "lr", "SPSA": "spsa", "off (biased)": "off"}
 ADAPTERS = {"LoRA": "lora", "Full UNet": "full"}
@@ -163,9 +165,11 @@ def default_eval_prompts(backend: Backend) -> int:
 
 
 def make_config(backend: Backend, method, reward, learning_rate, batch, epochs, train_steps, eval_steps, adapter,
-                lora_rank, weights="", batches_per_epoch=2, eval_prompts=8, eval_every=1, seed=42, rlr_h=2,
-                zo_mode="likelihood ratio", s_nu=1e-3, truncation=1, structure_weight=0.1, domain="shapes",
-                init="fine-tune the model's UNet"):  # fmt: skip
+                lora_rank, weights="", batches_per_epoch=FORM_DEFAULTS["batches_per_epoch"], eval_prompts=8,
+                eval_every=FORM_DEFAULTS["eval_every"], seed=FORM_DEFAULTS["seed"], rlr_h=FORM_DEFAULTS["rlr_h"],
+                zo_mode=FORM_DEFAULTS["zo_mode"], s_nu=FORM_DEFAULTS["s_nu"], truncation=FORM_DEFAULTS["truncation"],
+                structure_weight=FORM_DEFAULTS["structure_weight"], domain=FORM_DEFAULTS["domain"],
+                init=FORM_DEFAULTS["init"]):  # fmt: skip
     """Widget values → a validated ``TrainConfig`` (``SADMConfig`` for SADM) for the app's model (``UserError`` in
     words otherwise)."""
     from finetuners.models import resolve_device
@@ -537,21 +541,21 @@ def build_finetune_tab(backend: Backend) -> gr.Tab:
                     from finetuners.shapes.world import DOMAINS
 
                     with gr.Row():
-                        structure_weight = gr.Number(value=0.1, label="Structure weight λ (0: plain denoising)",
-                                                     elem_id="finetune-sadm-lambda")  # fmt: skip
-                        domain = gr.Dropdown(list(DOMAINS), value="shapes", label="Training images (domain)",
+                        structure_weight = gr.Number(value=form["structure_weight"], elem_id="finetune-sadm-lambda",
+                                                     label="Structure weight λ (0: plain denoising)")  # fmt: skip
+                        domain = gr.Dropdown(list(DOMAINS), value=form["domain"], label="Training images (domain)",
                                              elem_id="finetune-sadm-domain")  # fmt: skip
-                        init = gr.Radio(list(SADM_INITS), value="fine-tune the model's UNet", label="Start from",
+                        init = gr.Radio(list(SADM_INITS), value=form["init"], label="Start from",
                                         elem_id="finetune-sadm-init")  # fmt: skip
                 with gr.Accordion("RLR and backprop settings", open=False):
                     with gr.Row():
-                        rlr_h = gr.Number(value=2, precision=0, label="RLR h (half-order sub-chain length)",
+                        rlr_h = gr.Number(value=form["rlr_h"], precision=0, label="RLR h (half-order sub-chain length)",
                                           elem_id="finetune-rlr-h")  # fmt: skip
-                        zo_mode = gr.Radio(list(ZO_MODES), value="likelihood ratio", label="RLR zeroth-order term",
+                        zo_mode = gr.Radio(list(ZO_MODES), value=form["zo_mode"], label="RLR zeroth-order term",
                                            elem_id="finetune-zo-mode")  # fmt: skip
                     with gr.Row():
-                        s_nu = gr.Number(value=1e-3, label="ZO perturbation std s_ν", elem_id="finetune-s-nu")
-                        truncation = gr.Number(value=1, precision=0, elem_id="finetune-truncation",
+                        s_nu = gr.Number(value=form["s_nu"], label="ZO perturbation std s_ν", elem_id="finetune-s-nu")
+                        truncation = gr.Number(value=form["truncation"], precision=0, elem_id="finetune-truncation",
                                                label="DRaFT-K: backprop through the last K' steps")  # fmt: skip
                 name = gr.Textbox(label="Run name", placeholder="empty: a dated name, e.g. sdpo-20250101-120000",
                                   elem_id="finetune-name", max_lines=1)  # fmt: skip
