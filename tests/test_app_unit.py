@@ -109,10 +109,11 @@ def test_sample_end_to_end_on_the_tiny_model(app_backend):
     progress = lambda value, desc=None, **kw: calls.append((value, desc))
     view = run_sample(app_backend, **{**GOOD, "model": app_backend.settings.model, "steps": 3, "batch": 2},
                       progress=progress)  # fmt: skip
-    assert [caption for _, caption in view.images] == ["seed 0", "seed 1"]
+    # each caption: the seed, then ✓ where the Shapes probe reads the prompt in the image, ✗ and what it sees if not
+    assert [caption.split(" · ")[0] for _, caption in view.images] == ["seed 0", "seed 1"]
     image = view.images[0][0]
     assert image.size[0] >= 128 and image.size[0] == image.size[1]  # 32 px upscaled for display
-    assert [label.endswith(f"image {i + 1} (seed {i})") for i, (label, _) in enumerate(view.strips)] == [True] * 2
+    assert [f"image {i + 1} (seed {i}" in label for i, (label, _) in enumerate(view.strips)] == [True] * 2
     frames = view.strips[0][1]
     ts = [int(caption.removeprefix("t=")) for _, caption in frames]
     assert len(ts) == 3 and ts == sorted(ts, reverse=True) and " → ".join(map(str, ts)) in view.info
@@ -120,6 +121,36 @@ def test_sample_end_to_end_on_the_tiny_model(app_backend):
     assert [v for v, _ in calls[1:]] == [(1, 3), (2, 3), (3, 3)]
     again = run_sample(app_backend, **{**GOOD, "model": app_backend.settings.model, "steps": 3, "seed": 1})
     assert again.images[0][0].tobytes() == view.images[1][0].tobytes()  # image i of a batch = seed + i
+
+
+def test_the_probe_reading_matches_the_accuracy_of_the_same_images(app_backend):
+    """On Shapes captions, the count of images that follow the prompt is the probe's exact accuracy on the very images
+    the tab drew (sampled again here through the library), and each ✗ says what the probe sees instead."""
+    import torch
+
+    from finetuners.generate import SampleRequest, generate
+    from finetuners.shapes.probe import prompt_accuracy, read_images, shipped_probe
+    from finetuners.shapes.world import describe_scene
+
+    prompt, n = "a red circle above a blue square", 8
+    view = run_sample(app_backend, **{**GOOD, "model": app_backend.settings.model, "prompt": prompt, "steps": 2,
+                                      "sampler": "ddim-trailing", "batch": 4})  # fmt: skip
+    view_b = run_sample(app_backend, **{**GOOD, "model": app_backend.settings.model, "prompt": prompt, "steps": 2,
+                                        "sampler": "ddim-trailing", "batch": 4, "seed": 4})  # fmt: skip
+    requests = [SampleRequest(prompt, steps=2, sampler="ddim-trailing", guidance=3.0, seed=s, batch=4) for s in (0, 4)]
+    draw = lambda pipe: torch.cat([generate(pipe, r).images for r in requests])
+    images = app_backend.run_with([app_backend.settings.model], draw)
+    probe = shipped_probe()
+    followed = prompt_accuracy(probe, images, [prompt] * n).bool().tolist()
+    assert 0 < sum(followed) < n  # 2 steps: some images follow the relation and some do not, so the count means it
+    captions = [c for _, c in view.images + view_b.images]
+    assert [c.endswith(" · ✓") for c in captions] == followed
+    for caption, scene, ok in zip(captions, read_images(probe, images), followed):
+        assert ok or caption.endswith(f" · ✗ {describe_scene(scene)}")
+    assert f"Shapes probe: the prompt is followed in **{sum(followed[:4])} of 4** images" in view.info
+    # a prompt the probe cannot read leaves the captions as they were
+    other = run_sample(app_backend, **{**GOOD, "model": app_backend.settings.model, "prompt": "a red blob"})
+    assert [c for _, c in other.images] == ["seed 0"] and "Shapes probe" not in other.info
 
 
 def test_backend_loads_each_model_once_and_does_not_cache_failures():

@@ -315,11 +315,14 @@ def test_the_sample_tab_puts_base_and_checkpoint_side_by_side(backend, finished_
     assert both.compared and not alone.compared and len(both.images) == 6
     for i in range(3):
         (a, caption_a), (b, caption_b) = both.images[2 * i : 2 * i + 2]
-        assert (caption_a, caption_b) == (f"A · seed {7 + i}", f"B · seed {7 + i}")
+        assert (caption_a, caption_b) == (f"A · {alone.images[i][1]}", f"B · {tuned.images[i][1]}")
+        assert caption_a.startswith(f"A · seed {7 + i} · ")  # then ✓ or ✗: what the Shapes probe reads
         assert a.tobytes() == alone.images[i][0].tobytes() and b.tobytes() == tuned.images[i][0].tobytes()
     assert any(x[0].tobytes() != y[0].tobytes() for x, y in zip(alone.images, tuned.images))  # the pairs differ
     assert [label.split(" · ")[0] for label, _ in both.strips] == ["A", "B", "A", "B"]
     assert both.info.startswith(f"**A** = `{base}`: ") and f"  \n**B** = `{ref}`: " in both.info
+    a, b = (sum(c.endswith(" · ✓") for _, c in view.images) for view in (alone, tuned))
+    assert both.info.endswith(f"Shapes probe, the prompt followed: **A {a} of 3** · **B {b} of 3**")
     gallery, *_ = on_generate(backend, base, *args, compare=ref)
     assert gallery["columns"] == 4  # two pairs per row: each pair stays on one row
     with pytest.raises(UserError, match="already the model"):

@@ -37,6 +37,7 @@ class SampleView:
     strips: list[tuple[str, list[GalleryItem]]]  # (label, x̂0 frames captioned with t) for the first images
     info: str  # Markdown: time per image, sampler, timesteps
     compared: bool = False  # images alternate between the two models, one pair per seed
+    followed: list[bool] | None = None  # per image, whether the Shapes probe reads the prompt in it (None: cannot read)
 
 
 # -- handler ---------------------------------------------------------------------------------------------------
@@ -102,7 +103,13 @@ def run_sample(
             progress(0, desc=f"loading {other}")
         second = build_view(backend.generate(other, request, callback=on_step(f"{other}: ")), request,
                             backend.settings.display_px)  # fmt: skip
-        view = side_by_side(name, view, other, second)
+        first, view = view, side_by_side(name, view, other, second)
+        if first.followed is not None and second.followed is not None:
+            n, a, b = len(first.followed), sum(first.followed), sum(second.followed)
+            view.info += f"  \nShapes probe, the prompt followed: **A {a} of {n}** · **B {b} of {n}**"
+    elif view.followed is not None:
+        n = len(view.followed)
+        view.info += f"  \nShapes probe: the prompt is followed in **{sum(view.followed)} of {n}** image{'s' * (n > 1)}"
     if chosen:
         view.info += f"  \n{chosen}"
     return view
@@ -117,11 +124,29 @@ def side_by_side(name_a: str, a: SampleView, name_b: str, b: SampleView) -> Samp
               for tag, (label, frames) in zip("AB", pair)]  # fmt: skip
     timing_b = b.info.split("  \n")[0]  # the same request: only the time per image differs
     info = f"**A** = `{name_a}`: {a.info}  \n**B** = `{name_b}`: {timing_b}"
-    return SampleView(images, strips[:MAX_STRIP_IMAGES], info, compared=True)
+    followed = None if a.followed is None or b.followed is None else [f for pair in zip(a.followed, b.followed)
+                                                                        for f in pair]  # fmt: skip
+    return SampleView(images, strips[:MAX_STRIP_IMAGES], info, compared=True, followed=followed)
+
+
+def read_followed(images, prompt: str) -> tuple[list[bool], list[str]] | None:
+    """Where the Shapes probe can read the prompt and images: per image whether it follows the prompt exactly (the
+    Fine-tune tab's accuracy) and a caption note, ✓ or ✗ with what the probe sees instead; else None."""
+    from finetuners.shapes.probe import read_prompts
+    from finetuners.shapes.world import describe_scene
+
+    reading = read_prompts(images.float().cpu(), [prompt])
+    if reading is None:
+        return None
+    (spec,), scenes = reading
+    followed = [spec.satisfied_by(scene) for scene in scenes]
+    return followed, ["✓" if ok else f"✗ {describe_scene(scene)}" for ok, scene in zip(followed, scenes)]
 
 
 def build_view(result, request: SampleRequest, display_px: int) -> SampleView:
-    images = [(to_display(img, display_px), f"seed {request.seed + i}") for i, img in enumerate(result.images)]
+    followed, notes = read_followed(result.images, request.prompt) or (None, None)
+    images = [(to_display(img, display_px), f"seed {request.seed + i}" + (f" · {notes[i]}" if notes else ""))
+              for i, img in enumerate(result.images)]  # fmt: skip
     strips = []
     if result.pred_x0_images is not None:
         k = result.pred_x0_images.shape[1]
@@ -130,7 +155,7 @@ def build_view(result, request: SampleRequest, display_px: int) -> SampleView:
             i = len(strips)
             frames_i = [(to_display(per_image[j], display_px // 2), f"t={result.timesteps[j]}") for j in frames]
             strips.append((strip_label(i, images[i][1]), frames_i))
-    return SampleView(images, strips, describe(result, request))
+    return SampleView(images, strips, describe(result, request), followed=followed)
 
 
 def strip_frames(k: int, max_frames: int) -> list[int]:
