@@ -55,6 +55,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from .imageio import save_png
     from .models import model_defaults
     from .runs import load_pipeline
+    from .shapes.probe import read_prompts
 
     out = typed_path(args.out, "--out folder")
     if out.exists() and not out.is_dir():
@@ -91,6 +92,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
         for i, strip in enumerate(result.pred_x0_images):
             save_png(strip, out / f"seed{request.seed + i}_pred_x0.png")
     print(f"{result.seconds_per_image:.3f} s/image, timesteps {result.timesteps}", file=sys.stderr)
+    if reading := read_prompts(result.images, [request.prompt]):
+        (spec,), scenes = reading
+        n, followed = len(scenes), sum(spec.satisfied_by(scene) for scene in scenes)
+        print(f"Shapes probe: the prompt is followed in {followed} of {n} image{'s' * (n > 1)}", file=sys.stderr)
     return 0
 
 

@@ -123,7 +123,7 @@ def test_sample_end_to_end_on_the_tiny_model(app_backend):
     assert again.images[0][0].tobytes() == view.images[1][0].tobytes()  # image i of a batch = seed + i
 
 
-def test_the_probe_reading_matches_the_accuracy_of_the_same_images(app_backend):
+def test_the_probe_reading_matches_the_accuracy_of_the_same_images(app_backend, tmp_path, capsys):
     """On Shapes captions, the count of images that follow the prompt is the probe's exact accuracy on the very images
     the tab drew (sampled again here through the library), and each ✗ says what the probe sees instead."""
     import torch
@@ -148,6 +148,13 @@ def test_the_probe_reading_matches_the_accuracy_of_the_same_images(app_backend):
     for caption, scene, ok in zip(captions, read_images(probe, images), followed):
         assert ok or caption.endswith(f" · ✗ {describe_scene(scene)}")
     assert f"Shapes probe: the prompt is followed in **{sum(followed[:4])} of 4** images" in view.info
+    # the CLI prints the same count for the same request
+    from finetuners.__main__ import main
+
+    argv = ["sample", "--model", app_backend.settings.model, "--prompt", prompt, "--steps", "2", "--sampler",
+            "ddim-trailing", "--guidance", "3", "--batch", "4", "--out", str(tmp_path / "out")]  # fmt: skip
+    assert main(argv) == 0
+    assert f"Shapes probe: the prompt is followed in {sum(followed[:4])} of 4 images" in capsys.readouterr().err
     # a prompt the probe cannot read leaves the captions as they were
     other = run_sample(app_backend, **{**GOOD, "model": app_backend.settings.model, "prompt": "a red blob"})
     assert [c for _, c in other.images] == ["seed 0"] and "Shapes probe" not in other.info
