@@ -17,7 +17,7 @@ import gradio as gr
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageColor
 
 from finetuners.errors import UserError
 from finetuners.jobs import RunManager
@@ -276,6 +276,29 @@ def test_a_finished_run_shows_curves_samples_and_status(backend, finished_run):
     assert status == view.status and len(rest) == len(CURVES) + 2
     again = on_refresh(backend, "finished-lora", rest[-1])  # the next tick: nothing changed, nothing sent
     assert all(isinstance(u, dict) and u.get("__type__") == "update" and len(u) == 1 for u in again[:-1]), again
+
+
+def test_the_sample_sheet_marks_the_images_that_follow_their_prompts(tmp_path):
+    """A green bar under an image that follows its prompt, a red one under one that does not, read from the
+    trainer's .json beside the strip; a strip without one keeps its rows as they were, and a broken one is ignored."""
+    from ui.finetune_tab import FOLLOWED_COLOURS, followed_of, sample_sheet, sheet_bar
+
+    strip = Image.new("RGB", (4 * 64, 64), "black")  # four 64-px images
+    path = tmp_path / "epoch-00003_k1.png"
+    strip.save(path)
+    path.with_suffix(".json").write_text(json.dumps({"prompts": ["a"] * 4, "followed": [True, False, False, True]}))
+    followed = followed_of(path)
+    assert followed == [True, False, False, True]
+    sheet = sample_sheet("epoch 3", [("1 step", strip, followed)])
+    bar, header = sheet_bar(64), sheet_header(64)
+    assert sheet.height == header + 64 + bar
+    margin, y = sheet.width - strip.width, header + 64 + bar // 2
+    colours = [sheet.getpixel((margin + 64 * j + 32, y)) for j in range(4)]
+    assert colours == [ImageColor.getrgb(FOLLOWED_COLOURS[f]) for f in followed]
+    assert sheet.crop((margin, header, sheet.width, header + 64)).tobytes() == strip.tobytes()  # the images untouched
+    path.with_suffix(".json").write_text("{ not json")
+    assert followed_of(path) is None and followed_of(tmp_path / "none.png") is None
+    assert sample_sheet("epoch 3", [("1 step", strip, None)]).height == header + 64
 
 
 def test_checkpoints_are_models_in_the_sample_tab(backend, finished_run, tiny_pipeline_dir):

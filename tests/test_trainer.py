@@ -175,6 +175,29 @@ def test_two_epoch_run_writes_the_folder(random_pipeline_dir, tmp_path, method):
     assert not list((run / "checkpoints").glob(".*"))  # no temp folders left
 
 
+def test_each_evaluation_strip_records_its_prompts_and_which_follow_them(tiny_pipeline_dir, tmp_path):
+    """samples/epoch-N_kK.json beside each strip: the prompts of its images and, on a Shapes reward, whether each
+    follows its prompt; the flags average to the evaluation's accuracy when the strip holds every evaluation image."""
+    from dataclasses import replace
+
+    from finetuners.runs import read_metrics
+    from finetuners.shapes.world import eval_prompts
+    from finetuners.trainer import train
+
+    run = tmp_path / "runs" / "r"
+    config = replace(_config(tiny_pipeline_dir, method="ddpo", reward="shapes-probe", num_epochs=1), num_eval_prompts=6)
+    assert train(run, config)["state"] == "finished"
+    evals = {r["epoch"]: r for r in read_metrics(run) if r["event"] == "eval"}
+    for epoch in (0, 1):
+        for k in (1, 2):
+            shown = json.loads((run / "samples" / f"epoch-{epoch:05d}_k{k}.json").read_text())
+            assert shown["prompts"] == eval_prompts(6) and len(shown["followed"]) == 6
+            assert sum(shown["followed"]) / 6 == pytest.approx(evals[epoch][f"eval_accuracy_k{k}"])
+    jpeg = tmp_path / "runs" / "jpeg"
+    assert train(jpeg, _config(tiny_pipeline_dir, num_epochs=1))["state"] == "finished"
+    assert json.loads((jpeg / "samples" / "epoch-00001_k1.json").read_text())["followed"] is None  # not measured
+
+
 @pytest.mark.parametrize("method", ["sdpo", "ddpo"])
 def test_one_minibatch_equals_accumulated_minibatches(random_pipeline_dir, tmp_path, method):
     """4 pairs per optimiser step as one minibatch or as 4 accumulated ones: the same update (the presets run

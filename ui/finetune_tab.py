@@ -85,8 +85,9 @@ CURVES = {  # plot id → (title, y-axis label, metrics keys of the "epoch" reco
 }
 EVAL_TITLES = {"eval_fd_probe_k": ("FD-probe at each evaluation step count (lower is better)", "FD-probe")}
 DASHES = ("solid", "dash", "dot", "dashdot")  # the evaluation curves' line styles, by step count
-SAMPLES_LABEL = "Latest samples: a row per evaluation step count"
+SAMPLES_LABEL = "Latest samples, a row per step count; under each, green: follows its prompt, red: not"
 SHEET_GAP = 6  # pixels between the sample sheet's rows, and around its row names
+FOLLOWED_COLOURS = {True: "#16a34a", False: "#dc2626"}  # the bar under a sample: follows its prompt, or not
 _SAMPLE = re.compile(r"^(epoch|step)-(\d+)_k(\d+)\.png$")  # trainer.py runs: epoch-N; SADM runs: step-N
 
 
@@ -373,34 +374,62 @@ def run_view(backend: Backend, name, previous_key: tuple | None = None) -> RunVi
             from PIL import Image
 
             with Image.open(path) as im:
-                rows.append((f"{k} step{'s' * (k > 1)}", im.convert("RGB")))
+                rows.append((f"{k} step{'s' * (k > 1)}", im.convert("RGB"), followed_of(path)))
         except OSError:  # being replaced right now: the next refresh shows it
             continue
     points = sum(1 for r in metrics if r.get("event") == "eval")
     return RunView(key, describe_status(info), figures, sample_sheet(when, rows), points)
 
 
-def sample_sheet(title: str | None, rows: list[tuple[str, object]]):
+def followed_of(strip: Path) -> list[bool] | None:
+    """Per image of a sample strip, whether it follows its prompt (the evaluation's Shapes-probe accuracy), from the
+    trainer's ``.json`` beside it; None where there is none (a run without accuracy, an older run, a SADM run)."""
+    import json
+
+    try:
+        followed = json.loads(strip.with_suffix(".json").read_text()).get("followed")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return [bool(f) for f in followed] if isinstance(followed, list) else None
+
+
+def sample_sheet(title: str | None, rows: list[tuple]):
     """The strips of one evaluation stacked into one image under a header that names the evaluation ("epoch 30",
     right-aligned, clear of the panel's label), each row named on its left ("1 step", "2 steps"…), so that the step
-    counts read top to bottom at the panel's full width. None for no rows."""
+    counts read top to bottom at the panel's full width. A row is (name, strip, followed): where ``followed`` is a
+    list, a bar under each image is green where it follows its prompt and red where not. None for no rows."""
     if not rows:
         return None
     from PIL import Image, ImageDraw, ImageFont
 
-    height = max(im.height for _, im in rows)
+    height = max(im.height for _, im, _ in rows)
+    bar = sheet_bar(height) if any(f is not None for *_, f in rows) else 0
     font = ImageFont.load_default(size=max(12, height // 5))
-    margin = SHEET_GAP + max(int(font.getlength(name)) for name, _ in rows) + SHEET_GAP
+    margin = SHEET_GAP + max(int(font.getlength(name)) for name, *_ in rows) + SHEET_GAP
     header = sheet_header(height)
-    width = margin + max(im.width for _, im in rows)
-    sheet = Image.new("RGB", (width, header + len(rows) * (height + SHEET_GAP) - SHEET_GAP), "white")
+    width = margin + max(im.width for _, im, _ in rows)
+    sheet = Image.new("RGB", (width, header + len(rows) * (height + bar + SHEET_GAP) - SHEET_GAP), "white")
     draw = ImageDraw.Draw(sheet)
     draw.text((width - SHEET_GAP, header // 2), title or "", fill="black", font=font, anchor="rm")
-    for i, (name, im) in enumerate(rows):
-        top = header + i * (height + SHEET_GAP)
+    for i, (name, im, followed) in enumerate(rows):
+        top = header + i * (height + bar + SHEET_GAP)
         sheet.paste(im, (margin, top))
         draw.text((SHEET_GAP, top + height // 2), name, fill="black", font=font, anchor="lm")
+        for j, ok in enumerate(followed or []):
+            tile = im.width / len(followed)
+            box = (
+                margin + round(j * tile) + 1,
+                top + height + 1,
+                margin + round((j + 1) * tile) - 2,
+                top + height + bar - 1,
+            )
+            draw.rectangle(box, fill=FOLLOWED_COLOURS[ok])
     return sheet
+
+
+def sheet_bar(row_height: int) -> int:
+    """Height of the band under a sample row that holds its followed / not-followed bars, in pixels."""
+    return max(4, row_height // 8)
 
 
 def sheet_header(row_height: int) -> int:
