@@ -37,7 +37,7 @@ class SampleView:
     strips: list[tuple[str, list[GalleryItem]]]  # (label, x̂0 frames captioned with t) for the first images
     info: str  # Markdown: time per image, sampler, timesteps
     compared: bool = False  # images alternate between the two models, one pair per seed
-    followed: list[bool] | None = None  # per image, whether the Shapes probe reads the prompt in it (None: cannot read)
+    followed: list[bool] | None = None  # one model's images: whether each follows the prompt (None: probe can't read)
 
 
 # -- handler ---------------------------------------------------------------------------------------------------
@@ -103,10 +103,7 @@ def run_sample(
             progress(0, desc=f"loading {other}")
         second = build_view(backend.generate(other, request, callback=on_step(f"{other}: ")), request,
                             backend.settings.display_px)  # fmt: skip
-        first, view = view, side_by_side(name, view, other, second)
-        if first.followed is not None and second.followed is not None:
-            n, a, b = len(first.followed), sum(first.followed), sum(second.followed)
-            view.info += f"  \nShapes probe, the prompt followed: **A {a} of {n}** · **B {b} of {n}**"
+        view = side_by_side(name, view, other, second)
     elif view.followed is not None:
         n = len(view.followed)
         view.info += f"  \nShapes probe: the prompt is followed in **{sum(view.followed)} of {n}** image{'s' * (n > 1)}"
@@ -124,9 +121,10 @@ def side_by_side(name_a: str, a: SampleView, name_b: str, b: SampleView) -> Samp
               for tag, (label, frames) in zip("AB", pair)]  # fmt: skip
     timing_b = b.info.split("  \n")[0]  # the same request: only the time per image differs
     info = f"**A** = `{name_a}`: {a.info}  \n**B** = `{name_b}`: {timing_b}"
-    followed = None if a.followed is None or b.followed is None else [f for pair in zip(a.followed, b.followed)
-                                                                        for f in pair]  # fmt: skip
-    return SampleView(images, strips[:MAX_STRIP_IMAGES], info, compared=True, followed=followed)
+    if a.followed is not None and b.followed is not None:
+        n, followed_a, followed_b = len(a.followed), sum(a.followed), sum(b.followed)
+        info += f"  \nShapes probe, the prompt followed: **A {followed_a} of {n}** · **B {followed_b} of {n}**"
+    return SampleView(images, strips[:MAX_STRIP_IMAGES], info, compared=True)
 
 
 def read_followed(images, prompt: str) -> tuple[list[bool], list[str]] | None:
@@ -135,7 +133,7 @@ def read_followed(images, prompt: str) -> tuple[list[bool], list[str]] | None:
     from finetuners.shapes.probe import read_prompts
     from finetuners.shapes.world import describe_scene
 
-    reading = read_prompts(images.float().cpu(), [prompt])
+    reading = read_prompts(images, [prompt])
     if reading is None:
         return None
     (spec,), scenes = reading
