@@ -4,7 +4,8 @@ config.json            every setting, the model id and its fingerprint, seeds (w
 metrics.jsonl          append-only, one JSON object per line, flushed and fsynced
 checkpoints/step-N/    adapter (or UNet) + state.pt (optimiser, tracker, RNG); written to a temp folder
                        and renamed, so a folder named step-N is always complete; the last few are kept
-samples/               PNG strips from evaluation
+samples/               from each evaluation, per step count K: a PNG strip of its first images and a .json of
+                       their prompts and, where accuracy is measured, whether each follows its prompt
 status.json            {"state": running|stopped|finished|failed, "error": ..., ...}, written atomically
 STOP                   created by anyone to ask a running trainer to stop (checkpoint, then "stopped")
 launch.json, train.log written by the run manager (``jobs.py``) when the app starts the run: the config it
@@ -147,6 +148,23 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
         except ValueError:
             continue
     return out
+
+
+SAMPLE_IMAGES = 8  # images of an evaluation kept per step count in samples/
+
+
+def write_samples(run_dir: str | Path, stem: str, images, prompts: list[str], followed=None) -> None:
+    """``samples/<stem>.png``, the first ``SAMPLE_IMAGES`` of an evaluation's ``images`` ([n, 3, H, W] in [0, 1])
+    side by side at twice their size, and ``samples/<stem>.json``: their ``prompts`` and, where the Shapes probe's
+    accuracy is measured, ``followed`` (per image, whether it follows its prompt; null where not measured)."""
+    from .imageio import save_png
+
+    samples = Path(run_dir) / "samples"
+    samples.mkdir(exist_ok=True)
+    n = SAMPLE_IMAGES
+    save_png(images[:n], samples / f"{stem}.png", scale=2)
+    shown = {"prompts": list(prompts[:n]), "followed": None if followed is None else [bool(f) for f in followed[:n]]}
+    atomic_write_bytes(samples / f"{stem}.json", json.dumps(shown).encode())
 
 
 PHASE_PREFIX = "phase: "  # a trainer's log line naming what it does before its first step (the Fine-tune tab shows it)

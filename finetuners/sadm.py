@@ -541,7 +541,8 @@ class ProbeEvaluator:
         return torch.cat(out)
 
     @torch.no_grad()
-    def evaluate(self, steps: int) -> tuple[dict, torch.Tensor]:
+    def evaluate(self, steps: int) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        """(metrics, the images [n, 3, H, W], per image whether it follows its prompt [n] bool)."""
         from .metrics import frechet_distance
         from .shapes.probe import prompt_accuracy
 
@@ -549,8 +550,9 @@ class ProbeEvaluator:
         device = next(self.probe.parameters()).device
         feats = self.probe.features(images.to(device)).cpu()
         acc = prompt_accuracy(self.probe, images.to(device), self.prompts)
-        return {f"eval_accuracy_k{steps}": float(acc.mean()),
-                f"eval_fd_probe_k{steps}": frechet_distance(feats, self.real_features)}, images  # fmt: skip
+        metrics = {f"eval_accuracy_k{steps}": float(acc.mean()),
+                   f"eval_fd_probe_k{steps}": frechet_distance(feats, self.real_features)}  # fmt: skip
+        return metrics, images, acc.bool().cpu()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -713,14 +715,12 @@ def train_sadm(run_dir: str | Path, config: SADMConfig | dict | None = None, sto
             on_metrics(rec)
 
     def evaluate() -> None:
-        from .imageio import save_png
-
         pipe.unet.eval()
         rec = {"event": "eval", "epoch": run.epoch, "global_step": run.global_step}
         for k in cfg.eval_steps:
-            metrics, images = evaluator.evaluate(k)
+            metrics, images, followed = evaluator.evaluate(k)
             rec.update(metrics)
-            save_png(images[:8], run_dir / "samples" / f"step-{run.global_step:06d}_k{k}.png", scale=2)
+            runs.write_samples(run_dir, f"step-{run.global_step:06d}_k{k}", images, evaluator.prompts, followed)
         pipe.unet.train()
         emit(rec)
 

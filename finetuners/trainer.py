@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -67,7 +66,6 @@ INJECT_NAN_ENV = "FINETUNERS_INJECT_NAN_LOSS"  # test hook: NaN losses after thi
 METHODS = ("sdpo", "ddpo", *GRADIENT_METHODS)
 PROMPT_SETS = ("shapes",)
 CONFIG_VERSION = 1
-SAMPLE_IMAGES = 8  # images of an evaluation kept per step count: samples/epoch-N_kK.png, and .json with their prompts
 
 
 class TrainingFailed(RuntimeError):
@@ -516,7 +514,6 @@ class Trainer:
         """Mean reward (and probe accuracy) per K_eval, deterministic sampler, fixed prompts and seeds."""
         from .denoisers import CFGDenoiser
         from .generate import decode, encode, sampler_setup
-        from .imageio import atomic_write_bytes, save_png
         from .sampling import sample_loop
         from .shapes.world import eval_prompts
 
@@ -542,14 +539,7 @@ class Trainer:
             if self.accuracy_fn is not None:
                 followed = torch.as_tensor(self.accuracy_fn(images, prompts, [{}] * len(prompts))[0])
                 out[f"eval_accuracy_k{k}"] = float(followed.float().mean())
-            samples = self.run_dir / "samples"
-            samples.mkdir(exist_ok=True)
-            stem = samples / f"epoch-{self.epoch:05d}_k{k}"
-            save_png(images[:SAMPLE_IMAGES], stem.with_suffix(".png"), scale=2)
-            # what the strip's images were asked for and, where accuracy is measured, which of them follow it
-            shown = {"prompts": prompts[:SAMPLE_IMAGES],
-                     "followed": None if followed is None else [bool(f) for f in followed[:SAMPLE_IMAGES]]}  # fmt: skip
-            atomic_write_bytes(stem.with_suffix(".json"), json.dumps(shown).encode())
+            runs.write_samples(self.run_dir, f"epoch-{self.epoch:05d}_k{k}", images, prompts, followed)
         self.pipe.unet.train()
         return out
 

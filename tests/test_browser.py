@@ -168,6 +168,7 @@ def test_finetune_run_grows_its_curve_and_stops(page):
     grown = _reward_points(page)
     assert grown > max(first, 1), (first, grown)  # new evaluations arrive while the run trains
     page.locator("#finetune-samples img").first.wait_for()
+    page.locator("#finetune-sample-prompts").get_by_text("Prompts by column: 1").wait_for()  # what each image shows
     page.locator("#finetune-stop").click()
     status.get_by_text("browser-run: stopped").wait_for(timeout=30_000)
     assert page.locator("#finetune-error").inner_text().strip() == ""

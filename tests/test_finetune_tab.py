@@ -22,6 +22,7 @@ from PIL import Image, ImageColor
 from finetuners.errors import UserError
 from finetuners.jobs import RunManager
 from finetuners.runs import list_checkpoints, read_metrics, read_status
+from finetuners.shapes.world import eval_prompts
 from tests.app_process import wait_for
 from ui.backend import Backend, Settings
 from ui.finetune_tab import (
@@ -40,6 +41,7 @@ from ui.finetune_tab import (
     on_stop,
     resume_run,
     run_view,
+    sheet_bar,
     sheet_header,
     start_run,
     stop_run,
@@ -188,12 +190,12 @@ def test_the_gradio_handler_shows_the_message_and_selects_nothing(backend):
     assert "there is no run named 'no-such-run'" in message
     message = on_resume(backend, "")
     assert "no run chosen" in message
-    status, _, _, *curves, samples, shown = on_refresh(backend, None, None)
-    assert "No run selected" in status and samples is None
+    status, _, _, *curves, samples, prompts, shown = on_refresh(backend, None, None)
+    assert "No run selected" in status and samples is None and prompts == ""
     # each curve's frame, titled and empty, says how to fill it; the next tick sends nothing again
     assert [f.layout.title.text for f in curves] == [CURVES[p][0] for p in CURVES]
     assert all(not any(t.x for t in f.data) and f.layout.annotations[0].text == NO_RUN_NOTE for f in curves)
-    assert list(on_refresh(backend, None, shown)[3:-1]) == [gr.skip()] * (len(CURVES) + 1)
+    assert list(on_refresh(backend, None, shown)[3:-1]) == [gr.skip()] * (len(CURVES) + 2)
 
 
 def test_start_refuses_a_name_that_exists(backend, finished_run):
@@ -262,18 +264,24 @@ def test_a_finished_run_shows_curves_samples_and_status(backend, finished_run):
     strips = [Image.open(finished_run.path / "samples" / f"epoch-00002_k{k}.png").convert("RGB") for k in (1, 2)]
     sheet = view.samples  # under a header, the two strips stacked, 1 step on top, each whole, names in a margin
     margin, header = sheet.width - strips[0].width, sheet_header(strips[0].height)
-    assert margin > 0 and sheet.height == header + 2 * strips[0].height + SHEET_GAP
+    body = header + 2 * strips[0].height + SHEET_GAP  # and under them a footer of the same height: column numbers
+    assert margin > 0 and sheet.height == body + header
     for i, strip in enumerate(strips):
         top = header + i * (strip.height + SHEET_GAP)
         assert sheet.crop((margin, top, sheet.width, top + strip.height)).tobytes() == strip.tobytes()
         assert len(set(sheet.crop((0, top, margin, top + strip.height)).getdata())) > 1  # the row's name is drawn
     assert len(set(sheet.crop((0, 0, sheet.width, header)).getdata())) > 1  # and the evaluation's, above
+    tile = strips[0].width // 2  # two evaluation prompts: a number drawn under each image's centre, none between
+    inks = [len(set(sheet.crop((margin + x - 4, body, margin + x + 4, sheet.height)).getdata())) for x in (tile // 2,
+            tile, tile + tile // 2)]  # fmt: skip
+    assert inks[0] > 1 and inks[1] == 1 and inks[2] > 1, inks
+    assert view.prompts == "Prompts by column: " + " · ".join(f"**{i}** {p}" for i, p in enumerate(eval_prompts(2), 1))
     assert run_view(backend, "finished-lora", view.key) is None  # nothing changed: nothing re-sent
     status, table, picker, *rest = on_refresh(backend, "finished-lora", None)
     rows = {r[0]: r for r in table["value"]}
     assert rows["finished-lora"][1] == "finished" and rows["finished-lora"][4] == "2/2"
     assert picker["value"] == "finished-lora" and "finished-lora" in picker["choices"]
-    assert status == view.status and len(rest) == len(CURVES) + 2
+    assert status == view.status and len(rest) == len(CURVES) + 3
     again = on_refresh(backend, "finished-lora", rest[-1])  # the next tick: nothing changed, nothing sent
     assert all(isinstance(u, dict) and u.get("__type__") == "update" and len(u) == 1 for u in again[:-1]), again
 
@@ -281,14 +289,14 @@ def test_a_finished_run_shows_curves_samples_and_status(backend, finished_run):
 def test_the_sample_sheet_marks_the_images_that_follow_their_prompts(tmp_path):
     """A green bar under an image that follows its prompt, a red one under one that does not, read from the
     trainer's .json beside the strip; a strip without one keeps its rows as they were, and a broken one is ignored."""
-    from ui.finetune_tab import FOLLOWED_COLOURS, followed_of, sample_sheet, sheet_bar
+    from ui.finetune_tab import FOLLOWED_COLOURS, sample_sheet, strip_notes
 
     strip = Image.new("RGB", (4 * 64, 64), "black")  # four 64-px images
     path = tmp_path / "epoch-00003_k1.png"
     strip.save(path)
     path.with_suffix(".json").write_text(json.dumps({"prompts": ["a"] * 4, "followed": [True, False, False, True]}))
-    followed = followed_of(path)
-    assert followed == [True, False, False, True]
+    prompts, followed = strip_notes(path)
+    assert prompts == ["a"] * 4 and followed == [True, False, False, True]
     sheet = sample_sheet("epoch 3", [("1 step", strip, followed)])
     bar, header = sheet_bar(64), sheet_header(64)
     assert sheet.height == header + 64 + bar
@@ -297,7 +305,7 @@ def test_the_sample_sheet_marks_the_images_that_follow_their_prompts(tmp_path):
     assert colours == [ImageColor.getrgb(FOLLOWED_COLOURS[f]) for f in followed]
     assert sheet.crop((margin, header, sheet.width, header + 64)).tobytes() == strip.tobytes()  # the images untouched
     path.with_suffix(".json").write_text("{ not json")
-    assert followed_of(path) is None and followed_of(tmp_path / "none.png") is None
+    assert strip_notes(path) == (None, None) and strip_notes(tmp_path / "none.png") == (None, None)
     assert sample_sheet("epoch 3", [("1 step", strip, None)]).height == header + 64
 
 
@@ -602,7 +610,12 @@ def test_a_sadm_run_trains_shows_fd_and_losses_and_its_checkpoint_samples(backen
     assert [t.name for t in view.figures["loss"].data] == ["loss", "denoising loss", "structure loss"]
     assert list(view.figures["accuracy"].data[0].y) == [r["eval_accuracy_k1"] for r in evals]
     strip = Image.open(sorted((done.path / "samples").glob("step-*_k1.png"))[-1])  # the newest evaluation's
-    assert view.samples.height == sheet_header(strip.height) + strip.height  # one step count: one row
+    shown = json.loads(sorted((done.path / "samples").glob("step-*_k1.json"))[-1].read_text())
+    assert len(shown["prompts"]) == len(shown["followed"]) == 4  # its prompts, and which images follow them
+    assert sum(shown["followed"]) == 4 * evals[-1]["eval_accuracy_k1"]  # 4 evaluation images: all in the strip
+    header = sheet_header(strip.height)  # one step count: one row, its bars, and the columns' numbers under it
+    assert view.samples.height == header + strip.height + sheet_bar(strip.height) + header
+    assert view.prompts.startswith("Prompts by column: **1** ") and view.prompts.count("**") == 8
     ref = f"run:sadm-run/step-{done.checkpoints[-1]}"
     pipe = load_checkpoint_pipeline(backend.runs_root, ref, "cpu")
     base = load_model(str(tiny_pipeline_dir), "cpu")

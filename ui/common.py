@@ -24,9 +24,13 @@ DEMO_PROMPT = "a red circle above a blue square"
 DEMO_PAIR = ("a red circle", "a blue square")  # Superpose: two prompts naming different objects
 
 
+def md_escape(text: str) -> str:
+    """``text`` shown as it is inside Markdown: its Markdown and HTML characters escaped."""
+    return "".join("\\" + c if c in "\\`*_[]<>#|" else c for c in text)
+
+
 def error_markdown(message: str, title: str = "Cannot generate") -> str:
-    escaped = "".join("\\" + c if c in "\\`*_[]<>#|" else c for c in message)
-    return f"⚠️ **{title}:** {escaped}"
+    return f"⚠️ **{title}:** {md_escape(message)}"
 
 
 def unexpected_message(e: BaseException, action: str = "generation") -> str:

@@ -86,6 +86,7 @@ CURVES = {  # plot id → (title, y-axis label, metrics keys of the "epoch" reco
 EVAL_TITLES = {"eval_fd_probe_k": ("FD-probe at each evaluation step count (lower is better)", "FD-probe")}
 DASHES = ("solid", "dash", "dot", "dashdot")  # the evaluation curves' line styles, by step count
 SAMPLES_LABEL = "Latest samples, a row per step count; under each, green: follows its prompt, red: not"
+NO_PROMPTS = ""  # the prompts line under the sample sheet when the run's sample files do not name them
 SHEET_GAP = 6  # pixels between the sample sheet's rows, and around its row names
 FOLLOWED_COLOURS = {True: "#16a34a", False: "#dc2626"}  # the bar under a sample: follows its prompt, or not
 _SAMPLE = re.compile(r"^(epoch|step)-(\d+)_k(\d+)\.png$")  # trainer.py runs: epoch-N; SADM runs: step-N
@@ -99,6 +100,7 @@ class RunView:
     status: str  # Markdown: the run's state and any error, in words
     figures: dict  # plot id → plotly figure
     samples: object  # PIL image: the latest evaluation's sample sheet (a row per step count), or None
+    prompts: str  # Markdown: what each column of the sheet was asked for, by its number under the sheet
     points: int  # evaluation records plotted
 
 
@@ -368,36 +370,52 @@ def run_view(backend: Backend, name, previous_key: tuple | None = None) -> RunVi
         return None
     metrics = manager.metrics(info.name)
     figures = {plot: curve_figure(metrics, plot) for plot in CURVES}
-    rows = []
+    rows, prompts = [], None
     for path, k in samples:
         try:
             from PIL import Image
 
             with Image.open(path) as im:
-                rows.append((f"{k} step{'s' * (k > 1)}", im.convert("RGB"), followed_of(path)))
+                strip = im.convert("RGB")
         except OSError:  # being replaced right now: the next refresh shows it
             continue
+        asked, followed = strip_notes(path)
+        prompts = prompts or asked  # every step count of an evaluation draws the same prompts and seeds
+        rows.append((f"{k} step{'s' * (k > 1)}", strip, followed))
+    columns = len(prompts) if rows and prompts and all(len(f or prompts) == len(prompts) for *_, f in rows) else 0
     points = sum(1 for r in metrics if r.get("event") == "eval")
-    return RunView(key, describe_status(info), figures, sample_sheet(when, rows), points)
+    sheet = sample_sheet(when, rows, columns)
+    return RunView(key, describe_status(info), figures, sheet, prompts_line(prompts) if columns else NO_PROMPTS, points)
 
 
-def followed_of(strip: Path) -> list[bool] | None:
-    """Per image of a sample strip, whether it follows its prompt (the evaluation's Shapes-probe accuracy), from the
-    trainer's ``.json`` beside it; None where there is none (a run without accuracy, an older run, a SADM run)."""
+def strip_notes(strip: Path) -> tuple[list[str] | None, list[bool] | None]:
+    """(prompts, followed) of a sample strip's images, from the ``.json`` the trainer writes beside it: what each
+    image was asked for, and whether it follows it (the evaluation's Shapes-probe accuracy). None for what is not
+    there (no accuracy measured, a run from before these files, a broken file)."""
     import json
 
     try:
-        followed = json.loads(strip.with_suffix(".json").read_text()).get("followed")
+        notes = json.loads(strip.with_suffix(".json").read_text())
+        prompts, followed = notes.get("prompts"), notes.get("followed")
     except (OSError, ValueError, AttributeError):
-        return None
-    return [bool(f) for f in followed] if isinstance(followed, list) else None
+        return None, None
+    prompts = [str(p) for p in prompts] if isinstance(prompts, list) and prompts else None
+    return prompts, [bool(f) for f in followed] if isinstance(followed, list) else None
 
 
-def sample_sheet(title: str | None, rows: list[tuple]):
+def prompts_line(prompts: list[str]) -> str:
+    """Markdown under the sample sheet: each column's number (drawn under the sheet) and its prompt."""
+    from .common import md_escape
+
+    return "Prompts by column: " + " · ".join(f"**{i}** {md_escape(p)}" for i, p in enumerate(prompts, 1))
+
+
+def sample_sheet(title: str | None, rows: list[tuple], columns: int = 0):
     """The strips of one evaluation stacked into one image under a header that names the evaluation ("epoch 30",
     right-aligned, clear of the panel's label), each row named on its left ("1 step", "2 steps"…), so that the step
     counts read top to bottom at the panel's full width. A row is (name, strip, followed): where ``followed`` is a
-    list, a bar under each image is green where it follows its prompt and red where not. None for no rows."""
+    list, a bar under each image is green where it follows its prompt and red where not. With ``columns`` (the
+    images in a strip), a footer numbers them 1, 2, … under their centres. None for no rows."""
     if not rows:
         return None
     from PIL import Image, ImageDraw, ImageFont
@@ -407,8 +425,10 @@ def sample_sheet(title: str | None, rows: list[tuple]):
     font = ImageFont.load_default(size=max(12, height // 5))
     margin = SHEET_GAP + max(int(font.getlength(name)) for name, *_ in rows) + SHEET_GAP
     header = sheet_header(height)
+    footer = header if columns else 0
     width = margin + max(im.width for _, im, _ in rows)
-    sheet = Image.new("RGB", (width, header + len(rows) * (height + bar + SHEET_GAP) - SHEET_GAP), "white")
+    body = header + len(rows) * (height + bar + SHEET_GAP) - SHEET_GAP
+    sheet = Image.new("RGB", (width, body + footer), "white")
     draw = ImageDraw.Draw(sheet)
     draw.text((width - SHEET_GAP, header // 2), title or "", fill="black", font=font, anchor="rm")
     for i, (name, im, followed) in enumerate(rows):
@@ -424,6 +444,9 @@ def sample_sheet(title: str | None, rows: list[tuple]):
                 top + height + bar - 1,
             )
             draw.rectangle(box, fill=FOLLOWED_COLOURS[ok])
+    tile = (width - margin) / max(columns, 1)
+    for j in range(columns):
+        draw.text((margin + (j + 0.5) * tile, body + footer // 2), str(j + 1), fill="black", font=font, anchor="mm")
     return sheet
 
 
@@ -478,10 +501,11 @@ def on_resume(backend: Backend, name) -> str:
 
 
 def on_refresh(backend: Backend, name, shown: dict | None) -> tuple:
-    """Updates for (status, table, run picker, *plots, samples, shown). ``shown`` (per session) remembers what the
-    page holds, so an unchanged refresh sends nothing (and never resets the run picker while someone uses it)."""
+    """Updates for (status, table, run picker, *plots, samples, prompts, shown). ``shown`` (per session) remembers
+    what the page holds, so an unchanged refresh sends nothing (and never resets the run picker while someone uses
+    it)."""
     shown = shown or {}
-    skip_view = [gr.skip()] * (len(CURVES) + 2)
+    skip_view = [gr.skip()] * (len(CURVES) + 3)
     rows = runs_table(backend)
     names = backend.run_manager().names()
     table = gr.update(value=rows) if rows != shown.get("rows") else gr.skip()
@@ -493,13 +517,14 @@ def on_refresh(backend: Backend, name, shown: dict | None) -> tuple:
         now["idle"] = True
         if shown.get("idle"):
             return status, table, picker, *skip_view[:-1], now
-        return status, table, picker, *[curve_figure([], p, NO_RUN_NOTE) for p in CURVES], None, now
+        return status, table, picker, *[curve_figure([], p, NO_RUN_NOTE) for p in CURVES], None, NO_PROMPTS, now
     view, message = attempt("reading the run", run_view, backend, name, shown.get("view"))
     if message is not None:
         return error_markdown(message, "Cannot show the run"), table, picker, *skip_view[:-1], now
     if view is None:
         return gr.skip(), table, picker, *skip_view[:-1], {**now, "view": shown.get("view")}
-    return view.status, table, picker, *[view.figures[p] for p in CURVES], view.samples, {**now, "view": view.key}
+    figures = [view.figures[p] for p in CURVES]
+    return view.status, table, picker, *figures, view.samples, view.prompts, {**now, "view": view.key}
 
 
 # -- layout ------------------------------------------------------------------------------------------------------
@@ -609,13 +634,14 @@ def build_finetune_tab(backend: Backend) -> gr.Tab:
                 samples = gr.Image(label=SAMPLES_LABEL, type="pil", format="png", interactive=False,
                                    elem_id="finetune-samples", elem_classes=["pixel-gallery"],
                                    buttons=["download", "fullscreen"])  # fmt: skip
+                sample_prompts = gr.Markdown(NO_PROMPTS, elem_id="finetune-sample-prompts")
         table = gr.Dataframe(headers=RUN_COLUMNS, value=[], label="Runs", interactive=False, elem_id="finetune-runs",
                              wrap=True)  # fmt: skip
 
         config_inputs = [method, reward, lr, batch, epochs, train_steps, eval_steps, adapter, rank, weights, batches,
                          eval_prompts, eval_every, seed, rlr_h, zo_mode, s_nu, truncation, structure_weight, domain,
                          init]  # fmt: skip
-        view_outputs = [status, table, run, *plots.values(), samples, view_key]
+        view_outputs = [status, table, run, *plots.values(), samples, sample_prompts, view_key]
         fast = dict(concurrency_id="finetune", concurrency_limit=None)  # never behind a generation in the queue
 
         def start_fn(name, *values):  # values: one per widget of config_inputs, in CONFIG_FIELDS order
