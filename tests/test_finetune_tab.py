@@ -309,6 +309,22 @@ def test_the_sample_sheet_marks_the_images_that_follow_their_prompts(tmp_path):
     assert sample_sheet("epoch 3", [("1 step", strip, None)]).height == header + 64
 
 
+def test_the_sheet_shows_the_newest_whole_evaluation(tmp_path):
+    """While an evaluation is writing its strips (1 step, then 2…), the sheet keeps the previous one whole."""
+    from ui.finetune_tab import latest_samples
+
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    for name in ("epoch-00001_k1", "epoch-00001_k2", "epoch-00002_k1", "epoch-00002_k2", "epoch-00003_k1"):
+        Image.new("RGB", (8, 8)).save(samples / f"{name}.png")
+    (samples / "epoch-00004_k1.json").write_text("{}")  # not a strip
+    when, strips = latest_samples(tmp_path)
+    assert when == "epoch 2" and [(p.name, k) for p, k in strips] == [(f"epoch-00002_k{k}.png", k) for k in (1, 2)]
+    Image.new("RGB", (8, 8)).save(samples / "epoch-00003_k2.png")
+    assert latest_samples(tmp_path)[0] == "epoch 3"
+    assert latest_samples(tmp_path / "none") == (None, [])
+
+
 def test_checkpoints_are_models_in_the_sample_tab(backend, finished_run, tiny_pipeline_dir):
     from finetuners.generate import SampleRequest
 

@@ -346,7 +346,8 @@ def curve_figure(metrics: list[dict], plot: str, note: str = ""):
 
 
 def latest_samples(run_dir: Path) -> tuple[str | None, list[tuple[Path, int]]]:
-    """("epoch N" or "step N", [(png, K)]) of the newest evaluation's sample grids in samples/."""
+    """("epoch N" or "step N", [(png, K)]) of the newest evaluation's sample grids in samples/. An evaluation
+    writes its step counts' strips one after another: until its last is there, the one before it is shown whole."""
     found = {}
     for p in (run_dir / "samples").glob("*_k*.png"):
         m = _SAMPLE.match(p.name)
@@ -354,7 +355,8 @@ def latest_samples(run_dir: Path) -> tuple[str | None, list[tuple[Path, int]]]:
             found.setdefault((int(m.group(2)), m.group(1)), []).append((p, int(m.group(3))))
     if not found:
         return None, []
-    number, unit = max(found)
+    whole = max(len(strips) for strips in found.values())
+    number, unit = max(key for key, strips in found.items() if len(strips) == whole)
     return f"{unit} {number}", sorted(found[number, unit], key=lambda x: x[1])
 
 
