@@ -20,6 +20,12 @@ r"""Command line: ``python -m finetuners <command> …``.
     python -m finetuners adapt-train --out data/policies/mine --prompts 600 --candidates 1 2 3 4 6 8
     python -m finetuners sample --adaptive data/policies/mine --prompt "a red circle above a blue square"
 
+    # the Label tab's store (<data-dir>/labels.db): statistics, Pick-a-Pic export / import, the reward model
+    python -m finetuners labels stats --data-dir data
+    python -m finetuners labels export --data-dir data --out labels-export --format parquet
+    python -m finetuners labels import --data-dir data labels-export
+    python -m finetuners labels reward --data-dir data --out data/rewards/mine   # then --reward preference:...
+
 Bad input prints one line on stderr and exits with status 2; nothing is written.
 """
 
@@ -335,6 +341,79 @@ def cmd_sadm(args: argparse.Namespace) -> int:
     return 0 if status["state"] in ("finished", "stopped") else 1
 
 
+def _label_store(args: argparse.Namespace, create: bool = False):
+    """The label database the app keeps in ``--data-dir`` (or ``--labels-db``); one that is not there is refused
+    unless ``create`` (an import into a new data folder)."""
+    from .labels import LabelStore
+
+    data_dir = typed_path(args.data_dir, "--data-dir")
+    db = typed_path(args.labels_db, "--labels-db") if args.labels_db else data_dir / "labels.db"
+    if not db.is_file() and not create:
+        raise UserError(f"there is no label database at {db}: label pairs in the app first, or import an export")
+    if create and not args.labels_db:
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create the data folder {db.parent}: {e.strerror or e}") from e
+    return LabelStore(db, require_names=False)
+
+
+def label_summary(store) -> tuple[list[str], bool]:
+    """The Label tab's statistics as lines of text: counts, labels per labeller, agreement, the ranking of models
+    (Bradley–Terry, Elo scale) and the integrity check (every image's hash read again); and whether that passed."""
+    c = store.counts()
+    lines = [f"{store.db_path}: {c['pairs']} pairs, {c['labels']} labels (left {c['left']} · right {c['right']} · "
+             f"tie {c['tie']}; {c['skip']} skipped, {c['undone']} undone) from {c['labellers']} labellers; "
+             f"{c['unlabelled_pairs']} pairs without a label"]  # fmt: skip
+    per = store.labels_per_labeller()
+    if per:
+        lines.append("labellers: " + " · ".join(f"{name} {d['total']}" for name, d in per.items()))
+    agree = store.agreement()
+    if agree.n:
+        lines.append(f"agreement: {agree.overall:.1%} over {agree.n} comparisons of two labellers on one pair")
+    for k, r in enumerate(store.win_rates(), 1):
+        lines.append(f"rank {k}: {r.model}  Elo {r.elo:.0f}  (θ {r.strength:+.3f}; {r.wins} wins, {r.losses} losses, "
+                     f"{r.ties} ties, win rate {r.win_rate:.1%})")  # fmt: skip
+    report = store.integrity_check(verify_hashes=True)
+    problems = [f"SQLite: {report.sqlite}"] if report.sqlite != "ok" else []
+    problems += [f"{len(report.missing_images)} images missing"] * bool(report.missing_images)
+    problems += [f"{len(report.corrupt_images)} images whose content is not their hash"] * bool(report.corrupt_images)
+    lines.append("integrity: " + ("; ".join(problems) if problems else "ok (every image present and unchanged)"))
+    return lines, report.ok
+
+
+def cmd_labels(args: argparse.Namespace) -> int:
+    """The Label tab's store from the command line: statistics, Pick-a-Pic export and import, the reward model."""
+    store = _label_store(args, create=args.action == "import")
+    try:
+        if args.action == "stats":
+            lines, ok = label_summary(store)
+            print("\n".join(lines))
+            return 0 if ok else 1
+        if args.action == "export":
+            out = typed_path(args.out, "--out")
+            r = store.export(out, args.format)
+            print(f"exported {r.labels} labels ({r.rows} rows, {r.images} images) to {r.table}")
+            return 0
+        if args.action == "import":
+            r = store.import_export(typed_path(args.source, "export path"))
+            print(f"imported {r.pairs_added} new pairs and {r.labels_added} labels ({r.labels_skipped} already here or "
+                  f"superseded), {r.images_added} new images, into {store.db_path}")  # fmt: skip
+            return 0
+        from .preference import train_from_store
+
+        out = typed_path(args.out or os.path.join(args.data_dir, "rewards", "labels"), "--out")
+        clip = typed_path(args.clip, "--clip") if args.clip else None
+        _, m = train_from_store(store, out, clip=clip, model=args.reward_model)
+        acc = "n/a (only ties held out)" if m["val_accuracy"] is None else f"{m['val_accuracy']:.1%}"
+        print(f"held-out pairwise accuracy {acc} on {m['n_val_non_tie']} held-out labels (trained on {m['n_train']} "
+              f"labels of {m['n_pairs']} pairs; split by pair); saved in {out}: fine-tune with "
+              f"--reward preference:{out.resolve()}")  # fmt: skip
+        return 0
+    finally:
+        store.close()
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (its usage block would bury them); the subcommands' parsers inherit it."""
 
@@ -512,6 +591,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
     p.add_argument("--config", default=None, help="a JSON file with every setting (SADMConfig keys, or config.json)")
     p.set_defaults(func=cmd_sadm)
+
+    p = sub.add_parser("labels", help="the app's labels: statistics, export / import (Pick-a-Pic), reward model")
+    labels = p.add_subparsers(dest="action", required=True)
+    where = _Parser(add_help=False)
+    where.add_argument("--data-dir", default="data", help="the app's data folder (default: data)")
+    where.add_argument("--labels-db", default=None, help="the label database file (default: <data-dir>/labels.db)")
+    q = labels.add_parser("stats", parents=[where], help="counts, labellers, agreement, model ranking, integrity")
+    q = labels.add_parser("export", parents=[where], help="a new folder: labels.jsonl or .parquet and images/")
+    q.add_argument("--out", required=True, help="the export folder to create (it must not exist)")
+    q.add_argument("--format", choices=("jsonl", "parquet"), default="jsonl")
+    q = labels.add_parser("import", parents=[where], help="an export folder or table; all or nothing, idempotent")
+    q.add_argument("source", help="an export folder, or a .jsonl / .parquet table in the Pick-a-Pic schema")
+    q = labels.add_parser("reward", parents=[where], help="train the Bradley–Terry reward model on the labels")
+    q.add_argument("--out", default=None, help="where to save it (default: <data-dir>/rewards/labels)")
+    q.add_argument("--clip", default=None, metavar="FOLDER", help="a local CLIP folder whose features it reads "
+                   "(default: the Shapes probe's)")  # fmt: skip
+    q.add_argument("--reward-model", choices=("cells", "mlp"), default=None,
+                   help="on probe features: cells (default) or mlp; CLIP features use mlp")  # fmt: skip
+    p.set_defaults(func=cmd_labels)
     return parser
 
 

@@ -300,7 +300,8 @@ def add_world_pairs(store: LabelStore, n_pairs: int, seed: int = 0) -> None:
             Image.fromarray(s.image).save(buf, format="PNG")
             pngs.append(buf.getvalue())
         left_good = i % 2 == 0
-        pair = store.add_pair(good.caption, *(pngs if left_good else pngs[::-1]), "world", "world-recoloured")
+        order = slice(None) if left_good else slice(None, None, -1)  # each image with its model, on one side
+        pair = store.add_pair(good.caption, *pngs[order], *("world", "world-recoloured")[order])
         store.add_label(pair, "sim", "left" if left_good else "right")
 
 
@@ -482,4 +483,68 @@ def test_clip_folder_errors(tiny_clip_dir, tmp_path):
         preference_reward(out, clip=other)
     with pytest.raises(UserError, match="no CLIP weights folder"):
         preference_reward(out, clip=tmp_path / "gone")
+    store.close()
+
+
+# -- the labels command: the Label tab's store from the command line ------------------------------------------------
+def test_the_labels_command_reports_exports_imports_and_trains_the_reward(tmp_path, capsys):
+    """stats reads back the counts, agreement and ranking of a store built by hand; an export imported into a new
+    data folder carries the same content, twice adds nothing; the reward trains on the shipped probe's features;
+    bad input is one line, exit 2, and changes nothing."""
+    from finetuners.__main__ import main as cli
+
+    data = tmp_path / "data"
+    data.mkdir()
+    store = LabelStore(data / "labels.db")
+    add_world_pairs(store, 40)  # "sim" labels every pair, always for the caption-following image (model "world")
+    pairs = store.pairs()
+    for k, pair in enumerate(pairs[:10]):  # "ann" agrees with sim on 8 of 10 pairs
+        sim = next(lab.choice for lab in store.labels() if lab.pair.id == pair.id)
+        store.add_label(pair.id, "ann", sim if k < 8 else {"left": "right", "right": "left"}[sim])
+    assert cli(["labels", "stats", "--data-dir", str(data)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "40 pairs, 50 labels" in out[0] and "from 2 labellers; 0 pairs without a label" in out[0]
+    assert out[1] == "labellers: ann 10 · sim 40"
+    assert out[2] == "agreement: 80.0% over 10 comparisons of two labellers on one pair"
+    assert out[3].startswith("rank 1: world  Elo ") and "48 wins, 2 losses, 0 ties, win rate 96.0%" in out[3]
+    assert out[4].startswith("rank 2: world-recoloured") and out[-1].startswith("integrity: ok")
+
+    export = tmp_path / "export"
+    assert cli(["labels", "export", "--data-dir", str(data), "--out", str(export), "--format", "parquet"]) == 0
+    assert "exported 50 labels" in capsys.readouterr().out and (export / "labels.parquet").is_file()
+    new = tmp_path / "new-data"  # a data folder that does not exist yet: the import makes it
+    assert cli(["labels", "import", "--data-dir", str(new), str(export)]) == 0
+    assert "imported 40 new pairs and 50 labels" in capsys.readouterr().out
+    with LabelStore(new / "labels.db") as imported:
+        assert imported.content() == store.content()
+        before = imported.digest()
+    assert cli(["labels", "import", "--data-dir", str(new), str(export)]) == 0  # again: nothing new
+    assert "imported 0 new pairs and 0 labels (50 already here" in capsys.readouterr().out
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"caption": "a red circle"}\n')
+    for args, said in [
+        (["stats", "--data-dir", str(tmp_path / "nowhere")], "there is no label database at"),
+        (["export", "--data-dir", str(data), "--out", str(export)], "already exists"),
+        (["import", "--data-dir", str(new), str(bad)], "bad.jsonl"),
+        (["import", "--data-dir", str(new), str(tmp_path / "missing")], "missing"),
+    ]:
+        assert cli(["labels", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and said in err and "Traceback" not in err, (args, err)
+    with LabelStore(new / "labels.db") as imported:
+        assert imported.digest() == before
+    assert not (tmp_path / "nowhere").exists()
+
+    assert cli(["labels", "reward", "--data-dir", str(data)]) == 0
+    said = capsys.readouterr().out
+    reward = data / "rewards" / "labels"
+    assert said.startswith("held-out pairwise accuracy ") and f"--reward preference:{reward.resolve()}" in said
+    assert sorted(p.name for p in reward.iterdir()) == ["config.json", "model.safetensors"]
+    assert preference_reward(reward).metrics["n_pairs"] == 40
+
+    image = next((data / "images").glob("*.png"))  # a label's image changed on disk: reported, exit 1
+    image.write_bytes(image.read_bytes() + b"x")
+    assert cli(["labels", "stats", "--data-dir", str(data)]) == 1
+    assert "integrity: 1 images whose content is not their hash" in capsys.readouterr().out
     store.close()
