@@ -32,10 +32,12 @@ Bad input prints one line on stderr and exits with status 2; nothing is written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 from .errors import UserError
 from .names import typed_path
@@ -341,21 +343,45 @@ def cmd_sadm(args: argparse.Namespace) -> int:
     return 0 if status["state"] in ("finished", "stopped") else 1
 
 
+@contextlib.contextmanager
 def _label_store(args: argparse.Namespace, create: bool = False):
-    """The label database the app keeps in ``--data-dir`` (or ``--labels-db``); one that is not there is refused
-    unless ``create`` (an import into a new data folder)."""
+    """The label database the app keeps in ``--data-dir`` (or ``--labels-db``), open for the block. One that is
+    not there is refused, unless ``create`` (an import into a new data folder): then it is made, and removed again
+    with the folders made for it if the block fails, so that a refused import leaves nothing behind."""
     from .labels import LabelStore
 
     data_dir = typed_path(args.data_dir, "--data-dir")
     db = typed_path(args.labels_db, "--labels-db") if args.labels_db else data_dir / "labels.db"
-    if not db.is_file() and not create:
-        raise UserError(f"there is no label database at {db}: label pairs in the app first, or import an export")
-    if create and not args.labels_db:
-        try:
-            db.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot create the data folder {db.parent}: {e.strerror or e}") from e
-    return LabelStore(db, require_names=False)
+    new = create and not db.exists()
+    if not new and not db.is_file():
+        raise UserError(f"there is no label database at {str(db)!r}: label pairs in the app first, or import an export")
+    made = [d for d in (db.parent, *db.parent.parents) if not d.exists()] if new else []
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the folder {db.parent}: {e.strerror or e}") from e
+    try:
+        store = LabelStore(db, require_names=False)
+    except BaseException:
+        _remove_new(db, None, made)
+        raise
+    try:
+        yield store
+    except BaseException:
+        store.close()
+        if new:
+            _remove_new(db, store.images_dir, made)
+        raise
+    store.close()
+
+
+def _remove_new(db: Path, images: Path | None, folders: list[Path]) -> None:
+    """Undo a label database made for a command that failed: its files, its empty images folder, the folders made."""
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        db.with_name(db.name + suffix).unlink(missing_ok=True)
+    for folder in ([images] if images is not None else []) + folders:  # innermost first; a non-empty one stays
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def label_summary(store) -> tuple[list[str], bool]:
@@ -384,19 +410,21 @@ def label_summary(store) -> tuple[list[str], bool]:
 
 def cmd_labels(args: argparse.Namespace) -> int:
     """The Label tab's store from the command line: statistics, Pick-a-Pic export and import, the reward model."""
-    store = _label_store(args, create=args.action == "import")
-    try:
+    if args.action == "import":  # the export is read before a new database is made for it
+        from .labels import read_export
+
+        export = read_export(typed_path(args.source, "export path"))
+    with _label_store(args, create=args.action == "import") as store:
         if args.action == "stats":
             lines, ok = label_summary(store)
             print("\n".join(lines))
             return 0 if ok else 1
         if args.action == "export":
-            out = typed_path(args.out, "--out")
-            r = store.export(out, args.format)
+            r = store.export(typed_path(args.out, "--out"), args.format)
             print(f"exported {r.labels} labels ({r.rows} rows, {r.images} images) to {r.table}")
             return 0
         if args.action == "import":
-            r = store.import_export(typed_path(args.source, "export path"))
+            r = store.import_rows(*export)
             print(f"imported {r.pairs_added} new pairs and {r.labels_added} labels ({r.labels_skipped} already here or "
                   f"superseded), {r.images_added} new images, into {store.db_path}")  # fmt: skip
             return 0
@@ -410,8 +438,6 @@ def cmd_labels(args: argparse.Namespace) -> int:
               f"labels of {m['n_pairs']} pairs; split by pair); saved in {out}: fine-tune with "
               f"--reward preference:{out.resolve()}")  # fmt: skip
         return 0
-    finally:
-        store.close()
 
 
 class _Parser(argparse.ArgumentParser):

@@ -377,10 +377,11 @@ class LabelStore:
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode.lower() != "wal":
                 raise UserError(f"the label database {p} cannot use WAL journaling here (got {mode})")
-            conn.executescript(
-                f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA application_id = {APPLICATION_ID};"
-                f" PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
-            )
+            if (app_id, version) != (APPLICATION_ID, SCHEMA_VERSION):  # new (both are set with the schema): create it
+                conn.executescript(
+                    f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA application_id = {APPLICATION_ID};"
+                    f" PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                )
         except (sqlite3.Error, OSError) as e:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
@@ -816,8 +817,10 @@ class LabelStore:
         one transaction. Pairs are matched by ``ranking_id`` and labels by (pair, user, created_at), so
         importing the same export twice adds nothing. Images not already PNG are stored as lossless PNG
         re-encodings, under the hash of those bytes."""
-        table, root = _find_table(Path(path))
-        rows = _read_table(table)
+        return self.import_rows(*read_export(path))
+
+    def import_rows(self, root: Path, rows: list[dict]) -> ImportResult:
+        """Import the rows of an export table read by ``read_export``, their relative image paths under ``root``."""
         pairs, labels, images = _validate_rows(rows, root, self)
 
         new_files: list[Path] = []
@@ -903,6 +906,13 @@ def _write_table(path: Path, rows: list[dict], format: str) -> None:
     pq.write_table(pa.table(cols, schema=schema), path)
     with open(path, "rb") as f:
         os.fsync(f.fileno())
+
+
+def read_export(path: str | Path) -> tuple[Path, list[dict]]:
+    """(folder that relative image paths start from, rows) of an export folder or a ``.jsonl`` / ``.parquet``
+    table; a ``UserError`` for anything that is not one, before any store is touched."""
+    table, root = _find_table(Path(path))
+    return root, _read_table(table)
 
 
 def _find_table(path: Path) -> tuple[Path, Path]:

@@ -579,6 +579,52 @@ def test_cli_superpose(box, cli_loader, v):
         assert "fuzzing stops" in err
 
 
+LABELS_CLI = dict(action="stats", data_dir=None, labels_db=None, out="exp", source=None, clip=None, reward_model=None)
+LABELS_CLI_FIELDS = dict(action=st.sampled_from(["stats", "export", "import", "reward"]), data_dir=paths,
+                         labels_db=paths, out=outs, source=st.one_of(paths, st.just("EXPORT")), clip=paths,
+                         reward_model=st.sampled_from(["cells", "mlp", "svm", ""]))  # fmt: skip
+
+
+@FUZZ
+@given(v=mutated(LABELS_CLI, LABELS_CLI_FIELDS), tag=st.integers(0, 10**9))
+def test_cli_labels(backend, box, v, tag):
+    """``labels`` on the app's data folder (two pairs, no labels): exit 0 or 2 and one line; a refused command changes
+    nothing; exports go only where --out says (inside cli/), and importing the store's own export adds nothing."""
+    store = backend.label_store()
+    export = box.cwd / "cli" / "own-export"
+    if v["source"] == "EXPORT":
+        export.parent.mkdir(exist_ok=True)
+        store.export(export)
+    source = str(export) if v["source"] == "EXPORT" else v["source"]
+    # a real export may only be imported into the data folder: anywhere else it would rightly make a new store
+    data_dir = str(box.data) if v["data_dir"] is None or source == str(export) else v["data_dir"]
+    out = box.cwd / "cli" / f"{v['out']}-{tag}"
+    assume("\x00" in v["out"] or not v["out"].isprintable() or out.resolve().parent == (box.cwd / "cli").resolve())
+    argv = ["labels", v["action"], "--data-dir", data_dir]
+    argv += ["--labels-db", v["labels_db"]] if v["labels_db"] is not None and source != str(export) else []
+    reward = ["--clip", v["clip"]] if v["clip"] is not None else []
+    reward += ["--reward-model", v["reward_model"]] if v["reward_model"] is not None else []
+    argv += {"stats": [], "import": [source or "."], "export": ["--out", f"cli/{v['out']}-{tag}"],
+             "reward": reward}[v["action"]]  # fmt: skip
+    files, content = _digest(box.data), store.digest()
+    try:
+        code, err = _cli(argv)
+        assert code in (0, 2), (argv, code, err)
+        assert "Traceback" not in err, err
+        if code == 2:
+            assert err.startswith("error:") and len(err.strip().splitlines()) == 1, err
+            assert _digest(box.data) == files
+        else:
+            assert store.digest() == content  # stats and export read; the store's own export adds nothing
+        assert box._outside("cwd/cli") == {k: w for k, w in box.outside.items() if not k.startswith("cwd/cli/")}
+        if code == 0 and v["action"] == "export":
+            assert (out / "labels.jsonl").is_file()
+    finally:  # the sandbox's working folder must stay empty for the other tests
+        shutil.rmtree(box.cwd / "cli", ignore_errors=True)
+    if v == LABELS_CLI:
+        assert code == 0
+
+
 APP = dict(model="shapes", device="cpu", dtype=None, host="127.0.0.1", port="7860", data_dir="data", labels_db=None,
            auth=[], max_batch="16")  # fmt: skip
 APP_FIELDS = dict(

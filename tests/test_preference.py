@@ -528,13 +528,14 @@ def test_the_labels_command_reports_exports_imports_and_trains_the_reward(tmp_pa
         (["export", "--data-dir", str(data), "--out", str(export)], "already exists"),
         (["import", "--data-dir", str(new), str(bad)], "bad.jsonl"),
         (["import", "--data-dir", str(new), str(tmp_path / "missing")], "missing"),
+        (["import", "--data-dir", str(tmp_path / "fresh" / "data"), str(bad)], "bad.jsonl"),  # made, then removed
     ]:
         assert cli(["labels", *args]) == 2, args
         err = capsys.readouterr().err
         assert err.startswith("error: ") and said in err and "Traceback" not in err, (args, err)
     with LabelStore(new / "labels.db") as imported:
         assert imported.digest() == before
-    assert not (tmp_path / "nowhere").exists()
+    assert not (tmp_path / "nowhere").exists() and not (tmp_path / "fresh").exists()
 
     assert cli(["labels", "reward", "--data-dir", str(data)]) == 0
     said = capsys.readouterr().out
