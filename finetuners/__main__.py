@@ -11,6 +11,8 @@ r"""Command line: ``python -m finetuners <command> …``.
     python -m finetuners train --method sdpo --reward shapes-probe --model shapes --run runs/first --epochs 10
     python -m finetuners train --run runs/first --resume
     python -m finetuners train --run runs/first --config launch.json   # every setting from a file (the app's way)
+    python -m finetuners train --model stabilityai/sd-turbo --device cuda --reward preference:data/rewards/mine \
+        --prompt-file my-prompts.txt --run runs/turbo   # your own prompts, one per line
 
     # data-parallel on N processes (GPUs; on a CPU-only machine gloo): the same trainer, gradients averaged
     accelerate launch --multi_gpu --num_processes 2 -m finetuners train --run runs/multi --epochs 10
@@ -107,6 +109,23 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def read_prompt_file(name: str) -> list[str]:
+    """The non-empty lines of ``--prompt-file``, stripped, in order (repeats kept); ``UserError`` in words for a file
+    that is missing, unreadable, not UTF-8 text or over ``MAX_PROMPT_FILE_BYTES``."""
+    path = typed_path(name, "--prompt-file")
+    if not path.is_file():
+        raise UserError(f"--prompt-file {name!r} is not a file")
+    try:
+        with open(path, "rb") as f:  # bounded: a size of 0 may be a lie (/dev/zero, /proc files)
+            data = f.read(MAX_PROMPT_FILE_BYTES + 1)
+        if len(data) > MAX_PROMPT_FILE_BYTES:
+            raise UserError(f"--prompt-file is larger than {MAX_PROMPT_FILE_BYTES // 1_000_000} MB")
+        lines = data.decode("utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read --prompt-file {name!r}: {getattr(e, 'strerror', None) or e}") from e
+    return [line.strip() for line in lines if line.strip()]
+
+
 def cmd_adapt_train(args: argparse.Namespace) -> int:
     """AdaDiff (ALGORITHMS.md §3): render every training prompt's ladder once, then REINFORCE on the cached table."""
     from . import adadiff as ad
@@ -124,19 +143,7 @@ def cmd_adapt_train(args: argparse.Namespace) -> int:
                               guidance=3.0 if args.guidance is None else args.guidance,
                               lr=args.lr, epochs=args.epochs, seed=args.seed)  # fmt: skip
     if args.prompt_file:
-        path = typed_path(args.prompt_file, "--prompt-file")
-        if not path.is_file():
-            raise UserError(f"--prompt-file {args.prompt_file!r} is not a file")
-        try:
-            with open(path, "rb") as f:  # bounded: a size of 0 may be a lie (/dev/zero, /proc files)
-                data = f.read(MAX_PROMPT_FILE_BYTES + 1)
-            if len(data) > MAX_PROMPT_FILE_BYTES:
-                raise UserError(f"--prompt-file is larger than {MAX_PROMPT_FILE_BYTES // 1_000_000} MB")
-            lines = data.decode("utf-8-sig").splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"cannot read --prompt-file {args.prompt_file!r}: {getattr(e, 'strerror', None) or e}"
-                            ) from e  # fmt: skip
-        prompts = list(dict.fromkeys(line.strip() for line in lines if line.strip()))
+        prompts = list(dict.fromkeys(read_prompt_file(args.prompt_file)))
     else:  # Shapes captions in the world's mix, rendered at seeds no evaluation uses
         if not 1 <= args.prompts <= 5000:
             raise UserError(f"--prompts must be between 1 and 5000, got {args.prompts}")
@@ -261,6 +268,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         "eval_every": args.eval_every, "checkpoint_every": args.checkpoint_every,
         "num_eval_prompts": args.eval_prompts,
     }.items() if v is not None}  # fmt: skip
+    if args.prompt_file is not None:
+        extra["prompt_list"] = tuple(read_prompt_file(args.prompt_file))
+        if not extra["prompt_list"]:
+            raise UserError("no prompts: --prompt-file is empty")
     if args.eval_steps is not None:
         overrides["eval_steps"] = tuple(args.eval_steps)
     rlr = {k: v for k, v in {
@@ -286,7 +297,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                     extra["rlr"] = RLRConfig(**{**stored.rlr.to_dict(), **rlr})
                 config = TrainConfig(**{**{k: getattr(stored, k) for k in ("method", "reward_weights", "device",
                                      "eval_every", "num_eval_prompts", "checkpoint_every", "keep_checkpoints",
-                                     "rlr")}, **extra, "algo": algo})  # fmt: skip
+                                     "rlr", "prompt_list")}, **extra, "algo": algo})  # fmt: skip
     else:
         overrides.setdefault("model", "shapes")
         if args.method in (None, "sdpo", "ddpo") and is_lcm_model(overrides["model"]):  # trains as it samples
@@ -571,7 +582,9 @@ def build_parser() -> argparse.ArgumentParser:
         "lcm) on an LCM model, else ddim",
     )
     p.add_argument("--eval-every", type=int, default=None)
-    p.add_argument("--eval-prompts", type=int, default=None)
+    p.add_argument("--eval-prompts", type=int, default=None, help="prompts of each evaluation (default 8)")
+    p.add_argument("--prompt-file", default=None, help="prompts to train on, one per line (default: Shapes captions); "
+                   "each evaluation takes the first --eval-prompts of them")  # fmt: skip
     p.add_argument("--checkpoint-every", type=int, default=None)
     p.add_argument("--adapter", choices=("lora", "full"), default=None)
     p.add_argument("--lora-rank", type=int, default=None)

@@ -65,6 +65,7 @@ log = logging.getLogger(__name__)
 INJECT_NAN_ENV = "FINETUNERS_INJECT_NAN_LOSS"  # test hook: NaN losses after this many optimiser steps
 METHODS = ("sdpo", "ddpo", *GRADIENT_METHODS)
 PROMPT_SETS = ("shapes",)
+MAX_PROMPT_LIST = 100_000  # TrainConfig.prompt_list
 CONFIG_VERSION = 1
 
 
@@ -86,6 +87,9 @@ class TrainConfig:
     checkpoint_every: int = 1  # epochs between checkpoints (also at stop and at the end)
     keep_checkpoints: int = 3
     rlr: RLRConfig = field(default_factory=RLRConfig)  # the gradient methods' chain and estimator (rlr.py)
+    # the user's prompts: training draws from them, evaluation takes the first num_eval_prompts (cycled); empty: the
+    # Shapes world's captions (algo.prompts), random ones to train, world.eval_prompts to evaluate
+    prompt_list: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -112,6 +116,7 @@ class TrainConfig:
                             "differentiable: choose shapes-probe or a preference:… reward, or SDPO / DDPO")  # fmt: skip
         if not isinstance(self.rlr, RLRConfig):
             raise UserError("rlr must be RLR settings")
+        check_prompt_list(self.prompt_list, self.algo.reward)
         if self.method == "rlr" and self.rlr.c_fo == self.rlr.c_ho == self.rlr.c_zo == 0:
             raise UserError("RLR's coefficients c_fo, c_ho and c_zo are all 0: the gradient is 0 and nothing trains")
 
@@ -129,20 +134,62 @@ class TrainConfig:
         algo["adam_betas"] = tuple(algo["adam_betas"])
         algo["eval_steps"] = tuple(algo["eval_steps"])
         rlr = RLRConfig.from_dict(d.pop("rlr", None))  # runs from before RLR have none: the defaults
-        return cls(algo=SDPOConfig(**algo), rlr=rlr, **d)
+        prompts = d.pop("prompt_list", ())  # runs from before prompt lists have none
+        if not isinstance(prompts, list | tuple):
+            raise UserError(f"prompt_list must be a list of prompts, got {type(prompts).__name__}")
+        return cls(algo=SDPOConfig(**algo), rlr=rlr, prompt_list=tuple(prompts), **d)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------------
-def training_prompts(cfg: SDPOConfig, epoch: int, batch: int, n: int, rank: int = 0) -> list[str]:
+def check_prompt_list(prompts, reward: str) -> None:
+    """A ``UserError`` in words unless ``prompts`` is a tuple of at most ``MAX_PROMPT_LIST`` prompts, each non-empty
+    text without surrounding spaces, of at most ``MAX_PROMPT_CHARS`` characters, and a Shapes caption where the
+    reward reads Shapes captions only (the shapes-* rewards; a preference model reads any prompt)."""
+    from .generate import MAX_PROMPT_CHARS, is_text
+    from .shapes.world import parse_prompt
+
+    if not isinstance(prompts, tuple) or not all(isinstance(p, str) for p in prompts):
+        raise UserError("the prompt list must be a list of texts")
+    if len(prompts) > MAX_PROMPT_LIST:
+        raise UserError(f"at most {MAX_PROMPT_LIST} prompts, got {len(prompts)}")
+    for p in prompts:
+        if not p.strip() or p != p.strip():
+            raise UserError(f"every prompt must be non-empty text without surrounding spaces, got {p[:80]!r}")
+        if len(p) > MAX_PROMPT_CHARS:
+            raise UserError(f"the prompt {p[:80]!r}… is too long ({len(p)} characters; at most {MAX_PROMPT_CHARS})")
+        if not is_text(p):
+            raise UserError(f"the prompt {p[:80]!r} holds characters that are not valid text")
+        if reward.startswith("shapes-") and parse_prompt(p) is None:
+            raise UserError(f"the reward {reward} reads Shapes captions only, and {p[:80]!r} is not one: train on "
+                            "other prompts with a preference model learned in the Label tab, or a scorer of real "
+                            "images")  # fmt: skip
+
+
+def training_prompts(cfg: SDPOConfig, epoch: int, batch: int, n: int, rank: int = 0,
+                     prompt_list: tuple[str, ...] = ()) -> list[str]:  # fmt: skip
     """The ``n`` prompts of one sampling batch, each repeated ``cfg.pairs_per_prompt`` times in consecutive rows
-    (the last one fewer if that does not divide ``n``); process ``rank`` > 0 (``accelerate launch``) draws its own."""
+    (the last one fewer if that does not divide ``n``); process ``rank`` > 0 (``accelerate launch``) draws its own.
+    Drawn uniformly from ``prompt_list`` when given, else random Shapes captions."""
     from .shapes.world import caption, random_spec
 
     rng = np.random.default_rng([cfg.seed, epoch, batch] + ([rank] if rank else []))
-    unique = [caption(random_spec(rng)) for _ in range(-(-n // cfg.pairs_per_prompt))]
+    unique_n = -(-n // cfg.pairs_per_prompt)
+    if prompt_list:
+        unique = [prompt_list[i] for i in rng.integers(len(prompt_list), size=unique_n)]
+    else:
+        unique = [caption(random_spec(rng)) for _ in range(unique_n)]
     return [p for p in unique for _ in range(cfg.pairs_per_prompt)][:n]
+
+
+def evaluation_prompts(config: TrainConfig) -> list[str]:
+    """The fixed prompts of every evaluation (prompt i at seed ``eval_seed`` + i): the first ``num_eval_prompts`` of
+    the prompt list (cycled where it is shorter), else the Shapes world's held-out captions."""
+    from .shapes.world import eval_prompts
+
+    n, prompts = config.num_eval_prompts, config.prompt_list
+    return [prompts[i % len(prompts)] for i in range(n)] if prompts else eval_prompts(n)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -275,6 +322,11 @@ class Trainer:
             raise UserError(f"checkpoint LoRA does not fit this model: unexpected keys {result.unexpected_keys[:3]}")
 
     # -- sampling and rewards -----------------------------------------------------------------------
+    def _prompts(self, batch: int) -> list[str]:
+        """The prompts of sampling batch ``batch`` of this epoch (this process's own under ``accelerate launch``)."""
+        cfg = self.cfg
+        return training_prompts(cfg, self.epoch, batch, cfg.sample_batch_size, self.dist.rank, self.config.prompt_list)
+
     def _encode(self, prompts: list[str]) -> torch.Tensor:
         from .generate import encode
 
@@ -302,7 +354,7 @@ class Trainer:
         self.pipe.unet.eval()
         pairs, conds, prompts_all, exact, dense_list = [], [], [], [], []
         for b in range(cfg.num_batches_per_epoch):
-            prompts = training_prompts(cfg, self.epoch, b, cfg.sample_batch_size, self.dist.rank)
+            prompts = self._prompts(b)
             cond = self._encode(prompts)
             g_x, g_a, g_b = pair_generators(self._seeds(b, len(prompts)))
             pair = sample_pairs(self.denoiser, self._x_T(g_x), cond, self.ts, self.alphas, generators_a=g_a,
@@ -370,7 +422,7 @@ class Trainer:
         self.pipe.unet.eval()
         batches = []
         for b in range(cfg.num_batches_per_epoch):
-            prompts = training_prompts(cfg, self.epoch, b, cfg.sample_batch_size, self.dist.rank)
+            prompts = self._prompts(b)
             cond = self._encode(prompts)
             g_x, g_a, _ = pair_generators(self._seeds(b, len(prompts)))
             with torch.no_grad():
@@ -443,7 +495,7 @@ class Trainer:
         updates0 = self.global_step
         n = cfg.num_batches_per_epoch
         for b in range(n):
-            prompts = training_prompts(cfg, self.epoch, b, cfg.sample_batch_size, self.dist.rank)
+            prompts = self._prompts(b)
             cond = self._encode(prompts)
             seeds = self._seeds(b, len(prompts))
             g_x, g_noise, _ = pair_generators(seeds)
@@ -515,13 +567,12 @@ class Trainer:
         from .denoisers import CFGDenoiser
         from .generate import decode, encode, sampler_setup
         from .sampling import sample_loop
-        from .shapes.world import eval_prompts
 
         cfg = self.cfg
         if not self.dist.is_main:  # evaluation and its sample files are the main process's
             return {}
         self.pipe.unet.eval()
-        prompts = eval_prompts(self.config.num_eval_prompts)
+        prompts = evaluation_prompts(self.config)
         guided = cfg.eval_guidance > 1.0
         cond, uncond = encode(self.pipe, prompts, [""] * len(prompts) if guided else None, guided)
         denoiser = CFGDenoiser(self.denoiser, uncond, cfg.eval_guidance)
@@ -586,6 +637,7 @@ def train(run_dir: str | Path, config: TrainConfig | None = None, *, resume: boo
     minibatch: a checkpoint is written and the status becomes "stopped". ``on_metrics(record)`` is
     called with every metrics line. Bad input raises ``UserError`` before anything is written.
     """
+    from .generate import check_prompt_fits
     from .models import load_model
     from .rewards import check_reward_fits, make_reward
 
@@ -603,6 +655,8 @@ def train(run_dir: str | Path, config: TrainConfig | None = None, *, resume: boo
         runs.announce_phase("loading the model")
     pipe = load_model(cfg.model, device, cfg.precision)
     check_reward_fits(cfg.reward, pipe)  # nothing is written yet
+    for prompt in dict.fromkeys(config.prompt_list):  # the encoder would cut a longer prompt off silently
+        check_prompt_fits(pipe, prompt)
     if device.startswith("cuda") and cfg.tf32 == "on":
         torch.backends.cuda.matmul.allow_tf32 = True
     trainer = Trainer(run_dir, config, pipe, reward_fn, accuracy_fn, dist)

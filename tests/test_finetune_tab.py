@@ -103,6 +103,11 @@ BAD_START = [
     (dict(method="RLR", reward="shapes-probe", s_nu=0), "ZO perturbation std must be above 0"),
     (dict(method="RLR", reward="shapes-probe", rlr_h=-1), "RLR h must be from 0 to 1000"),
     (dict(method="RLR", reward="shapes-probe", zo_mode="sometimes"), "unknown ZO mode 'sometimes'"),
+    (dict(reward="shapes-probe", prompts="a red circle\na photo of a cat"), "reads Shapes captions only"),
+    (dict(prompts="a cat" * 40), "too long for this model: 161 tokens, at most 24"),
+    (dict(prompts="x" * 1001), "the prompt is too long"),
+    (dict(prompts=7), "the prompts must be text, one per line"),
+    (dict(method="SADM-style", prompts="a red circle"), "clear the prompts"),
 ]
 
 
@@ -117,6 +122,15 @@ def test_bad_settings_are_refused_and_write_nothing(backend, change, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(")):
         start_run(backend, "bad-settings", **{**TINY, **change})
     assert _tree_digest(root) == before and not (root / "bad-settings").exists()
+
+
+def test_typed_prompts_reach_the_run_config(backend):
+    """One prompt a line, blank lines and surrounding spaces dropped, repeats kept (they weigh the draw); none: the
+    Shapes world's captions."""
+    config = make_config(backend, **{**TINY, "prompts": "a photo of a cat\n\n  a red circle \na photo of a cat\n"})
+    assert config.prompt_list == ("a photo of a cat", "a red circle", "a photo of a cat")
+    assert make_config(backend, **{**TINY, "prompts": " \n"}).prompt_list == ()
+    assert make_config(backend, **TINY).prompt_list == ()
 
 
 def test_rlr_settings_reach_the_run_config(backend):

@@ -290,6 +290,7 @@ START_FIELDS = dict(
     eval_prompts=small,
     eval_every=numbers,
     seed=numbers,
+    prompts=st.one_of(texts, st.lists(texts, max_size=4).map("\n".join), numbers),
 )
 
 
@@ -303,6 +304,8 @@ def test_finetune_tab_start(backend, box, v, name):
         assert info.path.parent == backend.runs_root.resolve() and (info.path / "launch.json").is_file()
         launch = json.loads((info.path / "launch.json").read_text())
         assert launch["config"]["algo"]["num_epochs"] == int(float(v["epochs"]))
+        typed = v.get("prompts") or ""
+        assert launch["config"]["prompt_list"] == [line.strip() for line in typed.splitlines() if line.strip()]
 
 
 def test_finetune_tab_evaluation_step_counts_that_are_not_numbers(backend):

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,8 @@ def _config(model: Path, **over):
                 num_batches_per_epoch=1, train_batch_size=1, grad_accum=2, num_epochs=2, eval_steps=(1, 2),
                 buffer_size=4, min_count=2)  # fmt: skip
     method = over.pop("method", "sdpo")
-    algo.update({k: over.pop(k) for k in list(over) if k not in ("eval_every", "num_eval_prompts", "checkpoint_every")})
+    outside = ("eval_every", "num_eval_prompts", "checkpoint_every", "prompt_list")  # TrainConfig's, not the algo's
+    algo.update({k: over.pop(k) for k in list(over) if k not in outside})
     return TrainConfig(method=method, algo=SDPOConfig.preset("shapes", **algo), num_eval_prompts=2, eval_every=1,
                        **over)  # fmt: skip
 
@@ -196,6 +198,66 @@ def test_each_evaluation_strip_records_its_prompts_and_which_follow_them(tiny_pi
     jpeg = tmp_path / "runs" / "jpeg"
     assert train(jpeg, _config(tiny_pipeline_dir, num_epochs=1))["state"] == "finished"
     assert json.loads((jpeg / "samples" / "epoch-00001_k1.json").read_text())["followed"] is None  # not measured
+
+
+def test_a_prompt_list_is_what_a_run_trains_and_evaluates_on(tiny_pipeline_dir, tmp_path, monkeypatch):
+    """Training draws every prompt from the list (replayably), each evaluation takes its first prompts (cycled), the
+    list is stored with the run and resumes with it; a list the reward or the text encoder cannot read is refused
+    before anything is written."""
+    import finetuners.trainer as trainer
+    from finetuners.runs import read_json
+
+    prompts = ("a photo of a cat", "a lighthouse", "a red circle")  # within the Shapes encoder's 24 tokens
+    config = _config(tiny_pipeline_dir, num_epochs=1, prompt_list=prompts)
+    assert trainer.evaluation_prompts(config) == list(prompts[:2])  # num_eval_prompts 2
+    assert trainer.evaluation_prompts(replace(config, num_eval_prompts=5)) == [*prompts, *prompts[:2]]
+    cfg = replace(config.algo, pairs_per_prompt=1)
+    drawn = trainer.training_prompts(cfg, epoch=3, batch=1, n=12, prompt_list=prompts)
+    assert set(drawn) == set(prompts) and drawn == trainer.training_prompts(cfg, 3, 1, 12, prompt_list=prompts)
+    assert not set(trainer.training_prompts(cfg, 3, 1, 12)) & set(prompts[:2])  # without the list: Shapes captions
+
+    seen = []
+    real = trainer.training_prompts
+    monkeypatch.setattr(trainer, "training_prompts", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    run = tmp_path / "runs" / "listed"
+    assert trainer.train(run, config)["state"] == "finished"
+    assert seen and {p for batch in seen for p in batch} <= set(prompts)
+    assert read_json(run / "config.json")["config"]["prompt_list"] == list(prompts)
+    assert trainer.check_resumable(run).prompt_list == prompts
+    assert json.loads((run / "samples" / "epoch-00001_k1.json").read_text())["prompts"] == list(prompts[:2])
+
+    for bad, said in [((" a cat",), "without surrounding spaces"), (("",), "non-empty"), (("x" * 1001,), "too long"),
+                      (["a cat"], "must be a list of texts"), ((1,), "must be a list of texts")]:  # fmt: skip
+        with pytest.raises(UserError, match=said):
+            replace(config, prompt_list=bad)
+    with pytest.raises(UserError, match="reads Shapes captions only, and 'a photo of a cat' is not one"):
+        _config(tiny_pipeline_dir, reward="shapes-probe", prompt_list=prompts)
+    assert _config(tiny_pipeline_dir, reward="shapes-probe", prompt_list=prompts[2:]).prompt_list == prompts[2:]
+    wordy = tmp_path / "runs" / "wordy"  # 78 tokens and more: the text encoder would cut it off
+    with pytest.raises(UserError, match="too long for this model"):
+        trainer.train(wordy, replace(config, prompt_list=("a cat" * 40,)))
+    assert not wordy.exists()
+
+
+def test_train_command_takes_a_prompt_file(tiny_pipeline_dir, tmp_path):
+    from finetuners.runs import read_json
+
+    file = tmp_path / "prompts.txt"
+    file.write_text("\ufeffa photo of a cat\n\n  a lighthouse  \n")  # a BOM, a blank line, spaces: dropped
+    run = tmp_path / "runs" / "cli"
+    common = ["--model", str(tiny_pipeline_dir), "--reward", "jpeg-compressibility", "--epochs", "1", "--batch", "2",
+              "--batches", "1", "--train-batch", "2", "--grad-accum", "1", "--train-steps", "2", "--eval-steps", "1",
+              "--eval-prompts", "3"]  # fmt: skip
+    r = _cli("train", "--run", str(run), "--prompt-file", str(file), *common, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert read_json(run / "config.json")["config"]["prompt_list"] == ["a photo of a cat", "a lighthouse"]
+    shown = json.loads((run / "samples" / "epoch-00001_k1.json").read_text())
+    assert shown["prompts"] == ["a photo of a cat", "a lighthouse", "a photo of a cat"]
+    (tmp_path / "empty.txt").write_text("\n \n")
+    for name, said in [("empty.txt", "--prompt-file is empty"), ("none.txt", "is not a file")]:
+        r = _cli("train", "--run", str(tmp_path / "runs" / "x"), "--prompt-file", str(tmp_path / name), *common)
+        assert r.returncode == 2 and said in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "runs" / "x").exists()
 
 
 @pytest.mark.parametrize("method", ["sdpo", "ddpo"])

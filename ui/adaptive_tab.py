@@ -24,10 +24,10 @@ import gradio as gr
 
 from finetuners import adadiff as ad
 from finetuners.errors import UserError
-from finetuners.generate import LIMITS, MAX_PROMPT_CHARS, SAMPLERS
+from finetuners.generate import LIMITS, SAMPLERS
 
 from .backend import Backend
-from .common import DEMO_PROMPT, attempt, count, error_markdown, random_seed
+from .common import DEMO_PROMPT, attempt, count, error_markdown, random_seed, typed_prompt, typed_prompts
 from .images import to_display
 
 log = logging.getLogger(__name__)
@@ -69,15 +69,6 @@ def load_named(backend: Backend, name) -> tuple[ad.StepPolicy, ad.AdaDiffConfig,
     if not name:
         raise UserError("no policy chosen: train one below, or pick one from the list")
     return ad.load_policy(ad.find_policy(policies_root(backend), name))
-
-
-def _prompt(text) -> str:
-    text = (text or "").strip()
-    if not text:
-        raise UserError("the prompt is empty: type what the image should show")
-    if len(text) > MAX_PROMPT_CHARS:
-        raise UserError(f"the prompt is too long ({len(text)} characters; at most {MAX_PROMPT_CHARS})")
-    return text
 
 
 def _whole(name: str, value, lo: int, hi: int) -> int:
@@ -213,7 +204,7 @@ class PromptView:
 
 
 def run_prompt(backend: Backend, model, policy_name, prompt, seed, progress=None) -> PromptView:
-    prompt = _prompt(prompt)
+    prompt = typed_prompt(prompt)
     seed = _whole("seed", seed, 0, 2**32 - 1)
     model = backend.check_model(model)
     policy, config, meta = load_named(backend, policy_name)
@@ -269,17 +260,6 @@ class SetView:
     # probability) and the probe can read the prompts and images: the measure docs/BENCHMARKS.md reports
     fixed_accuracy: list[float] | None = None
     adaptive_accuracy: float | None = None
-
-
-def typed_prompts(text, most: int, what: str, distinct: bool = False) -> list[str]:
-    """The non-empty lines of ``text``, stripped (repeats dropped if ``distinct``), each a valid prompt; at most
-    ``most`` of them."""
-    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
-    if distinct:
-        lines = list(dict.fromkeys(lines))
-    if len(lines) > most:
-        raise UserError(f"at most {most} {what}, got {len(lines)}")
-    return [_prompt(p) for p in lines]
 
 
 def set_prompts(text, n) -> list[str]:

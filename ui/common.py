@@ -76,3 +76,30 @@ def launch_alone(build_tab: Callable, title: str) -> None:
 def count(n: int, noun: str) -> str:
     """ "1 step", "2 steps": a number with its noun in the right number."""
     return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def typed_prompt(text) -> str:
+    """A prompt typed into a box, stripped; ``UserError`` when it is empty or too long."""
+    from finetuners.generate import MAX_PROMPT_CHARS
+
+    text = (text or "").strip() if isinstance(text, str | None) else None
+    if text is None:
+        raise UserError("the prompt must be text")
+    if not text:
+        raise UserError("the prompt is empty: type what the image should show")
+    if len(text) > MAX_PROMPT_CHARS:
+        raise UserError(f"the prompt is too long ({len(text)} characters; at most {MAX_PROMPT_CHARS})")
+    return text
+
+
+def typed_prompts(text, most: int, what: str, distinct: bool = False) -> list[str]:
+    """The non-empty lines of ``text``, stripped (repeats dropped if ``distinct``), each a valid prompt; at most
+    ``most`` of them."""
+    if not isinstance(text, str | None):
+        raise UserError(f"the {what} must be text, one per line")
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    if distinct:
+        lines = list(dict.fromkeys(lines))
+    if len(lines) > most:
+        raise UserError(f"at most {most} {what}, got {len(lines)}")
+    return [typed_prompt(p) for p in lines]

@@ -20,11 +20,12 @@ from pathlib import Path
 import gradio as gr
 
 from finetuners.errors import UserError
+from finetuners.generate import check_prompt_fits
 from finetuners.jobs import RunInfo
 from finetuners.rewards import check_reward_fits
 
 from .backend import Backend
-from .common import attempt, error_markdown
+from .common import attempt, error_markdown, typed_prompts
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ LIMITS = {
 }
 CONFIG_FIELDS = ("method", "reward", "learning_rate", "batch", "epochs", "train_steps", "eval_steps", "adapter",
                  "lora_rank", "weights", "batches_per_epoch", "eval_prompts", "eval_every", "seed", "rlr_h", "zo_mode",
-                 "s_nu", "truncation", "structure_weight", "domain", "init")  # fmt: skip
+                 "s_nu", "truncation", "structure_weight", "domain", "init", "prompts")  # fmt: skip
 RUN_COLUMNS = ["run", "state", "method", "reward", "epoch", "checkpoints", "error"]
 CURVES = {  # plot id → (title, y-axis label, metrics keys of the "epoch" records, or the eval keys' prefixes)
     "reward": ("Reward at each evaluation step count", "mean reward", ("eval_reward_k", "eval_fd_probe_k")),
@@ -172,13 +173,13 @@ def make_config(backend: Backend, method, reward, learning_rate, batch, epochs, 
                 eval_every=FORM_DEFAULTS["eval_every"], seed=FORM_DEFAULTS["seed"], rlr_h=FORM_DEFAULTS["rlr_h"],
                 zo_mode=FORM_DEFAULTS["zo_mode"], s_nu=FORM_DEFAULTS["s_nu"], truncation=FORM_DEFAULTS["truncation"],
                 structure_weight=FORM_DEFAULTS["structure_weight"], domain=FORM_DEFAULTS["domain"],
-                init=FORM_DEFAULTS["init"]):  # fmt: skip
+                init=FORM_DEFAULTS["init"], prompts=""):  # fmt: skip
     """Widget values → a validated ``TrainConfig`` (``SADMConfig`` for SADM) for the app's model (``UserError`` in
-    words otherwise)."""
+    words otherwise). ``prompts``: the prompts to train on, one per line; empty: the Shapes world's captions."""
     from finetuners.models import resolve_device
     from finetuners.rlr import RLRConfig
     from finetuners.sdpo import SDPOConfig, shapes_preset
-    from finetuners.trainer import TrainConfig
+    from finetuners.trainer import MAX_PROMPT_LIST, TrainConfig
 
     if method not in METHODS:
         raise UserError(f"unknown method {method!r}: choose {' or '.join(METHODS)}")
@@ -207,9 +208,13 @@ def make_config(backend: Backend, method, reward, learning_rate, batch, epochs, 
     device = resolve_device(settings.device)
     # few-step evaluation (1/2/4/8 steps) needs trailing timesteps: leading spacing starts a 1-step sample at t = 1
     sampler = "lcm" if backend.defaults(settings.model).sampler == "lcm" else "ddim-trailing"
+    prompt_list = tuple(typed_prompts(prompts, MAX_PROMPT_LIST, "prompts"))
     if METHODS[method] == "sadm":  # denoising training on Shapes images: no reward, no adapter
         from finetuners.sadm import SADMConfig
         from finetuners.shapes.world import DOMAINS
+
+        if prompt_list:
+            raise UserError("SADM-style training denoises Shapes images under their own captions: clear the prompts")
 
         if domain not in DOMAINS:
             raise UserError(f"unknown domain {domain!r}: choose {' or '.join(DOMAINS)}")
@@ -221,7 +226,10 @@ def make_config(backend: Backend, method, reward, learning_rate, batch, epochs, 
                           eval_images=max(n_eval, 2), eval_steps=tuple(steps), checkpoint_every=every,
                           eval_sampler=sampler)  # fmt: skip
     reward = check_reward(reward, weights)
-    check_reward_fits(reward, backend.pipeline(settings.model))
+    pipe = backend.pipeline(settings.model)
+    check_reward_fits(reward, pipe)
+    for prompt in dict.fromkeys(prompt_list):  # before a process starts: the encoder would cut it off silently
+        check_prompt_fits(pipe, prompt)
     precision = {"float16": "fp16", "bfloat16": "bf16"}.get(settings.dtype or "", "fp16")
     precision = "fp32" if device.type == "cpu" or settings.dtype in ("float32", "fp32") else precision
     per_prompt = next(k for k in (4, 2, 1) if batch % k == 0)  # pairs sharing a prompt (normalised together)
@@ -241,7 +249,8 @@ def make_config(backend: Backend, method, reward, learning_rate, batch, epochs, 
         train_sampler="lcm" if sampler == "lcm" and METHODS[method] in ("sdpo", "ddpo") else "ddim",
     )  # fmt: skip
     return TrainConfig(method=METHODS[method], algo=algo, reward_weights=(weights or "").strip() or None,
-                       device=str(device), eval_every=every, num_eval_prompts=n_eval, rlr=rlr)  # fmt: skip
+                       device=str(device), eval_every=every, num_eval_prompts=n_eval, rlr=rlr,
+                       prompt_list=prompt_list)  # fmt: skip
 
 
 def method_steps(method, current):
@@ -555,6 +564,10 @@ def build_finetune_tab(backend: Backend) -> gr.Tab:
                 reward = gr.Dropdown(choices, value=form["reward"], label="Reward", elem_id="finetune-reward-name")
                 weights = gr.Textbox(label="Reward weights", placeholder="folder of a downloaded scorer's weights",
                                      elem_id="finetune-weights", visible=settings.custom_models)  # fmt: skip
+                prompts = gr.Textbox(label="Prompts, one per line", lines=2, max_lines=8, elem_id="finetune-prompts",
+                                     placeholder="empty: the Shapes world's captions",
+                                     info="training draws from them; each evaluation takes the first ones (as many "
+                                          "as Evaluation prompts, under More settings)")  # fmt: skip
                 with gr.Row():
                     lr = gr.Number(
                         value=form["learning_rate"],
@@ -642,7 +655,7 @@ def build_finetune_tab(backend: Backend) -> gr.Tab:
 
         config_inputs = [method, reward, lr, batch, epochs, train_steps, eval_steps, adapter, rank, weights, batches,
                          eval_prompts, eval_every, seed, rlr_h, zo_mode, s_nu, truncation, structure_weight, domain,
-                         init]  # fmt: skip
+                         init, prompts]  # fmt: skip
         view_outputs = [status, table, run, *plots.values(), samples, sample_prompts, view_key]
         fast = dict(concurrency_id="finetune", concurrency_limit=None)  # never behind a generation in the queue
 
