@@ -195,7 +195,7 @@ def test_bad_run_names_are_refused(backend, name, tmp_path):
 
 def test_the_gradio_handler_shows_the_message_and_selects_nothing(backend):
     rlr = dict(rlr_h=2, zo_mode="likelihood ratio", s_nu=1e-3, truncation=1, structure_weight=0.1, domain="shapes",
-               init="fine-tune the model's UNet")  # fmt: skip
+               init="fine-tune the model's UNet", prompts="")  # fmt: skip
     values = [{**TINY, **rlr, "weights": "", "seed": 42, "learning_rate": 7.0}[k] for k in CONFIG_FIELDS]
     error, picker, name = on_start(backend, "from-the-ui", *values)
     assert "Cannot start" in error and "learning rate must be above 0 and at most 1, got 7.0" in error
