@@ -431,15 +431,21 @@ def cli_loader(pipe):
     models.load_model = real
 
 
-def _check_cli(box, argv: list[str], out: Path | None = None) -> tuple[int, str]:
-    """Run the CLI: exit 0 or 2, one line on stderr for an error, nothing written but PNGs into ``out``."""
-    out_before = _digest(out) if out is not None and out.is_dir() else {}
-    data_before = _digest(box.data)
+def _answer(argv: list[str]) -> tuple[int, str]:
+    """The CLI's exit status and stderr: 0 or 2, never a traceback, and an error in one line."""
     code, err = _cli(argv)
     assert code in (0, 2), (argv, code, err)
     assert "Traceback" not in err, err
     if code == 2:
         assert err.startswith("error:") and len(err.strip().splitlines()) == 1, err
+    return code, err
+
+
+def _check_cli(box, argv: list[str], out: Path | None = None) -> tuple[int, str]:
+    """Run the CLI: exit 0 or 2, one line on stderr for an error, nothing written but PNGs into ``out``."""
+    out_before = _digest(out) if out is not None and out.is_dir() else {}
+    data_before = _digest(box.data)
+    code, err = _answer(argv)
     assert _digest(box.data) == data_before
     assert box._outside("cwd/cli") == {k: v for k, v in box.outside.items() if not k.startswith("cwd/cli/")}
     cli = box.cwd / "cli"
@@ -611,11 +617,8 @@ def test_cli_labels(backend, box, v, tag):
              "reward": reward}[v["action"]]  # fmt: skip
     files, content = _digest(box.data), store.digest()
     try:
-        code, err = _cli(argv)
-        assert code in (0, 2), (argv, code, err)
-        assert "Traceback" not in err, err
+        code, err = _answer(argv)
         if code == 2:
-            assert err.startswith("error:") and len(err.strip().splitlines()) == 1, err
             assert _digest(box.data) == files
         else:
             assert store.digest() == content  # stats and export read; the store's own export adds nothing
