@@ -183,6 +183,20 @@ def training_prompts(cfg: SDPOConfig, epoch: int, batch: int, n: int, rank: int 
     return [p for p in unique for _ in range(cfg.pairs_per_prompt)][:n]
 
 
+def reads_evaluation(pipe, prompts: list[str]) -> bool:
+    """Whether the Shapes probe can score an evaluation: ``pipe`` draws Shapes-sized images and every prompt is a
+    Shapes caption. Then every run reports prompt-following accuracy, whatever its reward (a JPEG reward can climb
+    while the images stop following their prompts)."""
+    from .rewards import check_reward_fits
+    from .shapes.world import parse_prompt
+
+    try:
+        check_reward_fits("shapes-accuracy", pipe)
+    except UserError:
+        return False
+    return all(parse_prompt(p) is not None for p in prompts)
+
+
 def evaluation_prompts(config: TrainConfig) -> list[str]:
     """The fixed prompts of every evaluation (prompt i at seed ``eval_seed`` + i): the first ``num_eval_prompts`` of
     the prompt list (cycled where it is shorter), else the Shapes world's held-out captions."""
@@ -648,13 +662,14 @@ def train(run_dir: str | Path, config: TrainConfig | None = None, *, resume: boo
     device = dist.device(config.device)
     cfg = config.algo
     reward_fn = make_reward(cfg.reward, device, config.reward_weights)
-    accuracy_fn = None
-    if cfg.reward.startswith("shapes-"):
-        accuracy_fn = make_reward("shapes-accuracy", device, config.reward_weights)
     if dist.is_main:
         runs.announce_phase("loading the model")
     pipe = load_model(cfg.model, device, cfg.precision)
     check_reward_fits(cfg.reward, pipe)  # nothing is written yet
+    accuracy_fn = None  # whatever the reward, the Shapes probe's accuracy where it can read the evaluation's images
+    if reads_evaluation(pipe, evaluation_prompts(config)):
+        probe = config.reward_weights if cfg.reward.startswith("shapes-") else None  # else: the scorer's weights
+        accuracy_fn = make_reward("shapes-accuracy", device, probe)
     for prompt in dict.fromkeys(config.prompt_list):  # the encoder would cut a longer prompt off silently
         check_prompt_fits(pipe, prompt)
     if device.startswith("cuda") and cfg.tf32 == "on":

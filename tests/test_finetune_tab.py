@@ -273,15 +273,16 @@ def test_a_finished_run_shows_curves_samples_and_status(backend, finished_run):
     assert first.line.dash != second.line.dash
     for plot in ("loss", "grad_norm", "memory", "speed"):
         assert list(view.figures[plot].data[0].x) == [1, 2], plot
-    accuracy = view.figures["accuracy"]  # a JPEG reward: the Shapes probe's accuracy is not measured, and says so
-    assert not accuracy.data and accuracy.layout.annotations[0].text == "not measured for this run"
+    accuracy = view.figures["accuracy"]  # a JPEG reward on Shapes captions: the probe's accuracy all the same
+    assert list(accuracy.data[1].y) == [r["eval_accuracy_k2"] for r in evals]
     strips = [Image.open(finished_run.path / "samples" / f"epoch-00002_k{k}.png").convert("RGB") for k in (1, 2)]
     sheet = view.samples  # under a header, the two strips stacked, 1 step on top, each whole, names in a margin
     margin, header = sheet.width - strips[0].width, sheet_header(strips[0].height)
-    body = header + 2 * strips[0].height + SHEET_GAP  # and under them a footer of the same height: column numbers
+    bar = sheet_bar(strips[0].height)  # under each strip its followed / not bars (accuracy is measured)
+    body = header + 2 * (strips[0].height + bar) + SHEET_GAP  # and under them a footer as high: column numbers
     assert margin > 0 and sheet.height == body + header
     for i, strip in enumerate(strips):
-        top = header + i * (strip.height + SHEET_GAP)
+        top = header + i * (strip.height + bar + SHEET_GAP)
         assert sheet.crop((margin, top, sheet.width, top + strip.height)).tobytes() == strip.tobytes()
         assert len(set(sheet.crop((0, top, margin, top + strip.height)).getdata())) > 1  # the row's name is drawn
     assert len(set(sheet.crop((0, 0, sheet.width, header)).getdata())) > 1  # and the evaluation's, above
@@ -672,3 +673,12 @@ def test_a_short_run_has_whole_epoch_ticks():
     assert curve_figure(short, "loss").layout.xaxis.dtick == 1
     long = [{"event": "epoch", "epoch": e, "loss": 1.0 / e} for e in range(1, 60)]
     assert curve_figure(long, "loss").layout.xaxis.dtick is None
+
+
+def test_an_evaluation_without_accuracy_says_it_was_not_measured():
+    """Prompts or images the probe cannot read: the accuracy plot says so instead of staying blank."""
+    evals = [{"event": "eval", "epoch": e, "eval_reward_k1": -float(e)} for e in (0, 1)]
+    fig = curve_figure(evals, "accuracy")
+    assert not fig.data and fig.layout.annotations[0].text == "not measured for this run"
+    fig = curve_figure([{**r, "eval_accuracy_k1": 0.5} for r in evals], "accuracy")
+    assert list(fig.data[0].y) == [0.5, 0.5] and not fig.layout.annotations

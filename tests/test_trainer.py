@@ -197,7 +197,14 @@ def test_each_evaluation_strip_records_its_prompts_and_which_follow_them(tiny_pi
             assert sum(shown["followed"]) / 6 == pytest.approx(evals[epoch][f"eval_accuracy_k{k}"])
     jpeg = tmp_path / "runs" / "jpeg"
     assert train(jpeg, _config(tiny_pipeline_dir, num_epochs=1))["state"] == "finished"
-    assert json.loads((jpeg / "samples" / "epoch-00001_k1.json").read_text())["followed"] is None  # not measured
+    # a JPEG reward: accuracy is measured all the same, since the probe can read the images and prompts
+    followed = json.loads((jpeg / "samples" / "epoch-00001_k1.json").read_text())["followed"]
+    last = [r for r in read_metrics(jpeg) if r["event"] == "eval"][-1]
+    assert len(followed) == 2 and sum(followed) / 2 == pytest.approx(last["eval_accuracy_k1"])
+    other = tmp_path / "runs" / "other"  # prompts the probe cannot read: not measured
+    assert train(other, _config(tiny_pipeline_dir, num_epochs=1, prompt_list=("a cat",)))["state"] == "finished"
+    assert json.loads((other / "samples" / "epoch-00001_k1.json").read_text())["followed"] is None
+    assert not any("eval_accuracy_k1" in r for r in read_metrics(other))
 
 
 def test_a_prompt_list_is_what_a_run_trains_and_evaluates_on(tiny_pipeline_dir, tmp_path, monkeypatch):

@@ -332,7 +332,7 @@ def curve_figure(metrics: list[dict], plot: str, note: str = ""):
             style = dict(marker=dict(size=max(3, 10 - 2 * i)), line=dict(width=max(1, 3 - i / 2), dash=DASHES[i % 4]))
             fig.add_trace(go.Scatter(x=[r["epoch"] for r in rows], y=[r[f"{prefix}{k}"] for r in rows],
                                      mode="lines+markers", name=f"{k} step{'s' * (k > 1)}", **style))  # fmt: skip
-        if evals and not ks:  # e.g. probe accuracy of a run on a non-Shapes reward
+        if evals and not ks:  # e.g. probe accuracy of a run whose images or prompts the probe cannot read
             fig.add_annotation(text="not measured for this run", showarrow=False, xref="paper", yref="paper",
                                x=0.5, y=0.5, font=dict(size=13, color="#888"))  # fmt: skip
     else:
