@@ -566,8 +566,8 @@ def build_finetune_tab(backend: Backend) -> gr.Tab:
                                      elem_id="finetune-weights", visible=settings.custom_models)  # fmt: skip
                 prompts = gr.Textbox(label="Prompts, one per line", lines=2, max_lines=8, elem_id="finetune-prompts",
                                      placeholder="empty: the Shapes world's captions",
-                                     info="training draws from them; each evaluation takes the first ones (as many "
-                                          "as Evaluation prompts, under More settings)")  # fmt: skip
+                                     info="training draws from them; each evaluation takes the first of them, as "
+                                          "many as its evaluation prompts (cycled)")  # fmt: skip
                 with gr.Row():
                     lr = gr.Number(
                         value=form["learning_rate"],
