@@ -62,6 +62,7 @@ class RunInfo:
     pid: int | None = None
     config_error: str | None = None  # config.json missing or unreadable (the run cannot be resumed)
     phase: str | None = None  # while starting: what the trainer says it is doing (``runs.announce_phase``)
+    prompts: int = 0  # prompts of the run's own list (TrainConfig.prompt_list); 0: the Shapes world's captions
 
     @property
     def active(self) -> bool:
@@ -242,6 +243,7 @@ class RunManager:
         if epoch is None:
             epoch = (status or {}).get("epoch")
         algo = (config or {}).get("algo", {}) if isinstance(config, dict) else {}
+        typed = config.get("prompt_list") if isinstance(config, dict) else None
         return RunInfo(
             name=name, path=path, state=state, error=error, epoch=epoch,
             num_epochs=algo.get("num_epochs", algo.get("epochs")), method=(config or {}).get("method"),
@@ -249,6 +251,7 @@ class RunManager:
             adapter=algo.get("adapter"), train_sampler=algo.get("train_sampler"),
             checkpoints=tuple(n for n, _ in runs.list_checkpoints(path)),
             pid=pid, config_error=config_error, phase=_phase(path) if state == "starting" else None,
+            prompts=len(typed) if isinstance(typed, list) else 0,
         )  # fmt: skip
 
     def metrics(self, name: str) -> list[dict]:

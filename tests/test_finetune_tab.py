@@ -682,3 +682,21 @@ def test_an_evaluation_without_accuracy_says_it_was_not_measured():
     assert not fig.data and fig.layout.annotations[0].text == "not measured for this run"
     fig = curve_figure([{**r, "eval_accuracy_k1": 0.5} for r in evals], "accuracy")
     assert list(fig.data[0].y) == [0.5, 0.5] and not fig.layout.annotations
+
+
+def test_a_run_on_typed_prompts_says_so(tmp_path):
+    """The live view's status names a run's own prompt list by its length; a run on Shapes captions says nothing."""
+    from finetuners.runs import write_json, write_status
+    from ui.finetune_tab import describe_status
+
+    algo = {"reward": "jpeg-compressibility", "adapter": "lora", "num_epochs": 2, "train_sampler": "ddim"}
+    for name, typed in (("typed-prompts", ["a red circle", "a cat"]), ("shapes-captions", None)):
+        folder = tmp_path / "runs" / name  # a runs folder of its own: the app's is shared with other tests
+        folder.mkdir(parents=True)
+        config = {"method": "sdpo", "algo": algo} | ({"prompt_list": typed} if typed else {})
+        write_json(folder / "config.json", {"config": config})
+        write_status(folder, "finished", epoch=2)
+    typed, shapes = (RunManager(tmp_path / "runs").info(n) for n in ("typed-prompts", "shapes-captions"))
+    assert typed.prompts == 2 and shapes.prompts == 0
+    assert "SDPO on jpeg-compressibility (lora, 2 typed prompts)" in describe_status(typed)
+    assert "SDPO on jpeg-compressibility (lora) " in describe_status(shapes) + " "

@@ -295,7 +295,8 @@ def describe_status(info: RunInfo) -> str:
         words.append(f"epoch {info.epoch} of {info.num_epochs}")
     if info.method:
         lcm = ", LCM steps" if info.train_sampler == "lcm" else ""
-        words.append(f"{info.method.upper()} on {info.reward} ({info.adapter}{lcm})")
+        on = f", {info.prompts} typed prompt{'s' * (info.prompts > 1)}" if info.prompts else ""
+        words.append(f"{info.method.upper()} on {info.reward} ({info.adapter}{lcm}{on})")
     if info.checkpoints:
         words.append(f"last checkpoint step-{info.checkpoints[-1]}")
     text = " · ".join(words)
