@@ -193,7 +193,9 @@ def test_bad_run_names_are_refused(backend, name, tmp_path):
     assert not (root.parent / "escape").exists()
 
 
-def test_the_gradio_handler_shows_the_message_and_selects_nothing(backend):
+def test_the_gradio_handler_shows_the_message_and_selects_nothing(tiny_pipeline_dir, tmp_path):
+    # a backend of its own: the empty page it checks needs a runs folder that no other test has written to
+    backend = Backend(Settings(model=str(tiny_pipeline_dir), device="cpu", data_dir=tmp_path / "data"))
     rlr = dict(rlr_h=2, zo_mode="likelihood ratio", s_nu=1e-3, truncation=1, structure_weight=0.1, domain="shapes",
                init="fine-tune the model's UNet", prompts="")  # fmt: skip
     values = [{**TINY, **rlr, "weights": "", "seed": 42, "learning_rate": 7.0}[k] for k in CONFIG_FIELDS]
