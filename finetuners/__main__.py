@@ -374,7 +374,8 @@ def _label_store(args: argparse.Namespace, create: bool = False):
     try:
         store = LabelStore(db, require_names=False)
     except BaseException:
-        _remove_new(db, None, made)
+        if new:  # never an existing file: a foreign or corrupt one is refused and left as it is
+            _remove_new(db, None, made)
         raise
     try:
         yield store

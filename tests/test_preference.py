@@ -535,6 +535,11 @@ def test_the_labels_command_reports_exports_imports_and_trains_the_reward(tmp_pa
         assert err.startswith("error: ") and said in err and "Traceback" not in err, (args, err)
     with LabelStore(new / "labels.db") as imported:
         assert imported.digest() == before
+    foreign = tmp_path / "notes.txt"  # an existing file that is not a label database: refused, and left as it was
+    foreign.write_text("not a database")
+    for action in (["stats"], ["import", str(export)]):
+        assert cli(["labels", *action, "--labels-db", str(foreign)]) == 2
+        assert "not a label database" in capsys.readouterr().err and foreign.read_text() == "not a database"
     assert not (tmp_path / "nowhere").exists() and not (tmp_path / "fresh").exists()
 
     assert cli(["labels", "reward", "--data-dir", str(data)]) == 0
