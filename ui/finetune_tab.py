@@ -25,7 +25,7 @@ from finetuners.jobs import RunInfo
 from finetuners.rewards import check_reward_fits
 
 from .backend import Backend
-from .common import attempt, error_markdown, typed_prompts
+from .common import attempt, error_markdown, md_escape, typed_prompts
 
 log = logging.getLogger(__name__)
 
@@ -417,8 +417,6 @@ def strip_notes(strip: Path) -> tuple[list[str] | None, list[bool] | None]:
 
 def prompts_line(prompts: list[str]) -> str:
     """Markdown under the sample sheet: each column's number (drawn under the sheet) and its prompt."""
-    from .common import md_escape
-
     return "Prompts by column: " + " · ".join(f"**{i}** {md_escape(p)}" for i, p in enumerate(prompts, 1))
 
 
